@@ -1,0 +1,32 @@
+"""The system under test: a reference SWA hybrid KV-cache allocator (SPEC §1)."""
+
+from allocator.errors import (
+    AllocatorError,
+    ContiguityError,
+    DoubleFreeError,
+    FreeGroupError,
+    InvalidConfigError,
+    InvalidIndexError,
+    InvalidStateError,
+    SWAPeerHeldError,
+    UnsupportedOperationError,
+)
+from allocator.paged import PagedTokenToKVPoolAllocator
+from allocator.swa import SWAState, SWATokenToKVPoolAllocator
+from allocator.token import TokenToKVPoolAllocator
+
+__all__ = [
+    "AllocatorError",
+    "ContiguityError",
+    "DoubleFreeError",
+    "FreeGroupError",
+    "InvalidConfigError",
+    "InvalidIndexError",
+    "InvalidStateError",
+    "PagedTokenToKVPoolAllocator",
+    "SWAPeerHeldError",
+    "SWAState",
+    "SWATokenToKVPoolAllocator",
+    "TokenToKVPoolAllocator",
+    "UnsupportedOperationError",
+]

@@ -1,0 +1,153 @@
+"""Fused Triton implementation of the divergence detector (imported lazily, on CUDA only).
+
+Two launches, each over a (request, block of positions) grid:
+1. `_scan_kernel` reads each live req_to_token entry once, gathers its SWA slot, adds the
+   window / leak / evict / non-identity counts, writes the slot to an int32 scratch row, and
+   records each slot's largest and smallest full holder with atomic max.
+2. `_shared_kernel` re-reads only the scratch and counts tokens whose slot has two distinct
+   full holders. Max and min are order-independent, so the count is deterministic.
+
+Blocks past a request's scan length do no memory traffic, so the cost follows live tokens,
+not max_context. Semantics match `canary.divergence` exactly (see its module docstring).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton import knobs
+
+# Kernels are built for the interpreter when TRITON_INTERPRET=1 was set at import time; only
+# then may they run on CPU tensors.
+INTERPRETED: bool = bool(knobs.runtime.interpret)
+
+_MAX_BLOCK = 1024
+_MIN_BLOCK = 16
+_INT32_MIN = -(2**31)
+
+# Rows of the [5, B] counts tensor, in DivergenceCounts field order after `live`.
+_WINDOW_MISSING, _LEAKED, _EVICTED, _NON_IDENTITY, _SHARED = range(5)
+
+
+@triton.jit
+def _block_positions(req_pool_indices_ptr, seq_lens_ptr, num_rows, max_context, BLOCK: tl.constexpr):
+    """This program's positions, the live mask over them, and whether any is live."""
+    req = tl.program_id(0)
+    block_start = tl.program_id(1).to(tl.int64) * BLOCK
+    row = tl.load(req_pool_indices_ptr + req)
+    seq_len = tl.load(seq_lens_ptr + req)
+    scan_len = tl.minimum(tl.maximum(seq_len, 0), max_context)
+    scan_len = tl.where((row >= 0) & (row < num_rows), scan_len, 0)
+    positions = block_start + tl.arange(0, BLOCK).to(tl.int64)
+    return req, row, seq_len, positions, positions < scan_len, block_start < scan_len
+
+
+@triton.jit
+def _scan_kernel(
+    req_to_token_ptr, stride_row, stride_pos, num_rows, max_context,
+    req_pool_indices_ptr, seq_lens_ptr, evict_floors_ptr,
+    mapping_ptr, mapping_len, window, page_size, swa_slots,
+    slots_ptr, holders_ptr, counts_ptr, batch,
+    HAS_EVICT_FLOORS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    req, row, seq_len, positions, live, any_live = _block_positions(
+        req_pool_indices_ptr, seq_lens_ptr, num_rows, max_context, BLOCK
+    )
+    if any_live:
+        full = tl.load(req_to_token_ptr + row * stride_row + positions * stride_pos, mask=live, other=0)
+        full = full.to(tl.int64)
+        in_mapping = (full >= 0) & (full < mapping_len)
+        slot = tl.load(mapping_ptr + full, mask=live & in_mapping, other=0)
+        holds = live & (slot > 0)
+        no_slot = live & (slot <= 0)
+
+        window_start = tl.maximum(seq_len - window, 0)
+        if HAS_EVICT_FLOORS:
+            boundary = tl.load(evict_floors_ptr + req)
+        else:
+            boundary = window_start // page_size * page_size
+        before_boundary = positions < boundary
+
+        window_missing = tl.sum((no_slot & (positions >= window_start)).to(tl.int64), axis=0)
+        leaked = tl.sum((holds & before_boundary).to(tl.int64), axis=0)
+        evicted = tl.sum((no_slot & before_boundary).to(tl.int64), axis=0)
+        non_identity = tl.sum((holds & (slot != full)).to(tl.int64), axis=0)
+        tl.atomic_add(counts_ptr + _WINDOW_MISSING * batch + req, window_missing, sem="relaxed")
+        tl.atomic_add(counts_ptr + _LEAKED * batch + req, leaked, sem="relaxed")
+        tl.atomic_add(counts_ptr + _EVICTED * batch + req, evicted, sem="relaxed")
+        tl.atomic_add(counts_ptr + _NON_IDENTITY * batch + req, non_identity, sem="relaxed")
+
+        # Slots outside [1, swa_slots) have no holder entry; scratch 0 tells pass 2 to skip them.
+        tracked = holds & (slot < swa_slots)
+        tl.store(slots_ptr + req * max_context + positions, tl.where(tracked, slot, 0).to(tl.int32), mask=live)
+        full32 = full.to(tl.int32)
+        tl.atomic_max(holders_ptr + slot, full32, mask=tracked, sem="relaxed")
+        tl.atomic_max(holders_ptr + swa_slots + slot, -full32, mask=tracked, sem="relaxed")
+
+
+@triton.jit
+def _shared_kernel(
+    req_pool_indices_ptr, seq_lens_ptr, num_rows, max_context,
+    slots_ptr, holders_ptr, swa_slots, counts_ptr, batch,
+    BLOCK: tl.constexpr,
+):
+    req, row, seq_len, positions, live, any_live = _block_positions(
+        req_pool_indices_ptr, seq_lens_ptr, num_rows, max_context, BLOCK
+    )
+    if any_live:
+        slot = tl.load(slots_ptr + req * max_context + positions, mask=live, other=0)
+        tracked = slot > 0
+        largest = tl.load(holders_ptr + slot, mask=tracked, other=0)
+        negated_smallest = tl.load(holders_ptr + swa_slots + slot, mask=tracked, other=0)
+        # largest - smallest > 0, written without overflow: both stay within int32.
+        shared = tracked & (largest + negated_smallest > 0)
+        tl.atomic_add(counts_ptr + _SHARED * batch + req, tl.sum(shared.to(tl.int64), axis=0), sem="relaxed")
+
+
+def count_divergence(
+    req_to_token: Tensor,
+    req_pool_indices: Tensor,
+    seq_lens: Tensor,
+    window: int,
+    mapping: Tensor,
+    page_size: int,
+    evict_floors: Tensor | None,
+    swa_slots: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """window_missing, leaked, evicted, non_identity, shared: [B] int64 each, inputs pre-checked."""
+    device = req_to_token.device
+    batch = req_pool_indices.shape[0]
+    num_rows, max_context = req_to_token.shape
+    counts = torch.zeros((5, batch), dtype=torch.int64, device=device)
+    if batch == 0 or max_context == 0:
+        return tuple(counts.unbind(0))
+
+    block = max(_MIN_BLOCK, min(_MAX_BLOCK, triton.next_power_of_2(max_context)))
+    grid = (batch, triton.cdiv(max_context, block))
+    # Every live position gets written in pass 1 before pass 2 reads it, so no zero-fill is needed.
+    slots = torch.empty((batch, max_context), dtype=torch.int32, device=device)
+    holders = torch.full((2, swa_slots), _INT32_MIN, dtype=torch.int32, device=device)
+    seq_lens = seq_lens.contiguous()
+    req_pool_indices = req_pool_indices.contiguous()
+    mapping = mapping.contiguous()
+    floors = evict_floors.contiguous() if evict_floors is not None else seq_lens
+
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        _scan_kernel[grid](
+            req_to_token, req_to_token.stride(0), req_to_token.stride(1), num_rows, max_context,
+            req_pool_indices, seq_lens, floors,
+            mapping, mapping.numel(), window, page_size, swa_slots,
+            slots, holders, counts, batch,
+            HAS_EVICT_FLOORS=evict_floors is not None, BLOCK=block,
+        )
+        _shared_kernel[grid](
+            req_pool_indices, seq_lens, num_rows, max_context,
+            slots, holders, swa_slots, counts, batch,
+            BLOCK=block,
+        )
+    return tuple(counts.unbind(0))
+

@@ -1,0 +1,153 @@
+"""Divergence detector speed: fused Triton kernel vs vectorised torch vs a direct row-gather.
+
+The "sglang-formulation" baseline is the straightforward way to compare a batch through the mapping,
+as sglang's swa_full_idx_divergence check does: gather whole req_to_token rows, mask by
+seq_lens, look every entry up in the mapping. It counts only non-identity pairs, so it is a
+lower bound on what a one-off torch check costs, not a full detector.
+
+Roofline: the bytes that must be read are the live req_to_token entries plus one 8-byte mapping
+gather per live token; fraction = those bytes / (time * peak bandwidth).
+
+    python bench/bench_divergence.py                     # CUDA, batch 64/256/1024 x context 4K/32K
+    python bench/bench_divergence.py --smoke             # CPU, small sizes, torch paths only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from canary.divergence import detect_divergence
+
+H100_SXM_PEAK_BYTES_PER_S = 3.35e12
+
+
+def build_state(batch: int, context: int, window: int, page_size: int, device: torch.device, seed: int) -> dict:
+    """A serving-like batch: every request has its own full pages in shuffled order, lengths
+    between half and all of the context, and an SWA slot for each in-window token."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pages_per_row = context // page_size
+    num_pages = batch * pages_per_row
+    page_order = torch.randperm(num_pages, device=device, generator=generator) + 1  # page 0 is padding
+    offsets = torch.arange(page_size, device=device)
+    req_to_token = (page_order.view(batch, pages_per_row, 1) * page_size + offsets).view(batch, context)
+    seq_lens = torch.randint(context // 2, context + 1, (batch,), device=device, generator=generator)
+
+    size = (num_pages + 1) * page_size
+    size_swa = batch * window
+    mapping = torch.zeros(size + page_size + 1, dtype=torch.int64, device=device)
+    mapping[-1] = -1
+    positions = torch.arange(context, device=device)
+    in_window = (positions >= (seq_lens - window).clamp_min(0)[:, None]) & (positions < seq_lens[:, None])
+    paired = req_to_token[in_window]
+    mapping[paired] = torch.randperm(size_swa, device=device, generator=generator)[: paired.numel()] + page_size
+    return dict(
+        req_to_token=req_to_token.to(torch.int32),
+        req_pool_indices=torch.randperm(batch, device=device, generator=generator),
+        seq_lens=seq_lens,
+        window=window,
+        mapping=mapping,
+        page_size=page_size,
+        swa_slots=size_swa + page_size,
+    )
+
+
+def sglang_formulation(req_to_token: Tensor, req_pool_indices: Tensor, seq_lens: Tensor, mapping: Tensor) -> Tensor:
+    full = req_to_token[req_pool_indices].long()
+    live = torch.arange(full.shape[1], device=full.device) < seq_lens[:, None]
+    slot = mapping[full]
+    return (live & (slot != 0) & (slot != full)).sum(dim=1)
+
+
+def time_us(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+    """Median microseconds per call: CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3)
+    else:
+        for _ in range(iters):
+            start_s = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start_s) * 1e6)
+    return statistics.median(samples)
+
+
+def live_token_count(state: dict) -> int:
+    return int(state["seq_lens"].clamp(0, state["req_to_token"].shape[1]).sum())
+
+
+def required_bytes(state: dict) -> int:
+    """One read of each live req_to_token entry plus one mapping gather per live token."""
+    per_token = state["req_to_token"].element_size() + state["mapping"].element_size()
+    return live_token_count(state) * per_token
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU, small sizes, torch paths only")
+    parser.add_argument("--peak-bandwidth", type=float, default=H100_SXM_PEAK_BYTES_PER_S,
+                        help="peak memory bandwidth in B/s for the roofline fraction (default: H100 SXM)")
+    parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--page-size", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    args = parser.parse_args()
+    if args.page_size < 1 or any(context % args.page_size for context in args.contexts):
+        parser.error("--page-size must be >= 1 and divide every context")
+
+    if args.smoke:
+        device = torch.device("cpu")
+        batches, contexts, window, iters, warmup = [4, 16], [256, 1024], 128, 5, 1
+        impls = ["torch", "sglang-formulation"]
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA device; use --smoke on CPU")
+        device = torch.device("cuda")
+        batches, contexts, window, iters, warmup = args.batches, args.contexts, args.window, args.iters, args.warmup
+        impls = ["triton", "torch", "sglang-formulation"]
+
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"window {window}, page size {args.page_size}, peak {args.peak_bandwidth:.3g} B/s, "
+          f"median of {iters}")
+    print()
+    print("| batch | context | live tokens | impl | µs | roofline | time / triton |")
+    print("|---:|---:|---:|---|---:|---:|---:|")
+    for context in contexts:
+        for batch in batches:
+            state = build_state(batch, context, window, args.page_size, device, seed=batch * context)
+            bytes_needed, live_tokens = required_bytes(state), live_token_count(state)
+            calls = {
+                "triton": lambda: detect_divergence(**state, impl="triton"),
+                "torch": lambda: detect_divergence(**state, impl="torch"),
+                "sglang-formulation": lambda: sglang_formulation(
+                    state["req_to_token"], state["req_pool_indices"], state["seq_lens"], state["mapping"]
+                ),
+            }
+            timings = {impl: time_us(calls[impl], device, iters, warmup) for impl in impls}
+            for impl, micros in timings.items():
+                fraction = bytes_needed / (micros * 1e-6 * args.peak_bandwidth)
+                ratio = f"{micros / timings['triton']:.2f}x" if "triton" in timings else "-"
+                print(f"| {batch} | {context} | {live_tokens} | {impl} | {micros:.1f} | {fraction:.1%} | {ratio} |")
+            del state
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

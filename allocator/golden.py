@@ -18,11 +18,12 @@ TENSOR_ARGS = {
     "alloc": (),
     "alloc_extend": (0, 1, 2, 3, 4),
     "alloc_decode": (0, 1, 2),
+    "alloc_extend_swa_tail": (0, 1, 2, 3, 4),
     "free": (0,),
     "free_swa": (0,),
     "free_full": (0,),
 }
-CPU_ARGS = {"alloc_extend": (1, 3), "alloc_decode": (1,)}
+CPU_ARGS = {"alloc_extend": (1, 3), "alloc_decode": (1,), "alloc_extend_swa_tail": (1, 3)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,146 @@
+"""`swa-canary check`: run every machine against a target until a time budget is spent.
+
+The machines run in rounds of short Hypothesis runs, each with a fresh seed drawn from one
+master seed, so `--seed` repeats a whole check. The first violation is shrunk by Hypothesis
+and reported with its invariant, severity and minimal program; the check stops there.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, TextIO
+
+from hypothesis import seed as hypothesis_seed, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from canary.probes import InvariantViolation
+from properties.machines import AllocatorMachine, machine_classes
+
+EXAMPLES_PER_RUN = 8
+
+
+@dataclass
+class Stats:
+    """Shared by every machine instance of one check: what has been exercised so far."""
+
+    programs: int = 0
+    steps: int = 0
+    calls: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class Finding:
+    machine: str
+    invariant: str
+    severity: str
+    detail: str
+    program: str
+    program_steps: int
+    seed: int
+    seconds: float
+
+    def explain(self) -> str:
+        return (
+            f"{self.severity} {self.invariant} in {self.machine} after {self.seconds:.1f}s (seed {self.seed}):\n"
+            f"  {self.detail}\nMinimal program ({self.program_steps} steps):\n{self.program}"
+        )
+
+
+@dataclass
+class CheckReport:
+    target: str
+    device: str
+    seed: int
+    budget: float
+    seconds: float = 0.0
+    programs: int = 0
+    steps: int = 0
+    runs: int = 0
+    finding: Finding | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def program_of(error: BaseException) -> str:
+    """The minimal program Hypothesis attached to a failure, as Python."""
+    notes = "\n".join(getattr(error, "__notes__", ()))
+    lines = [line for line in notes.splitlines() if line.startswith("state") or line.startswith("    state")]
+    lines += [line for line in notes.splitlines() if re.match(r"^\w+_\d+ = state\.", line)]
+    ordered = [line for line in notes.splitlines() if line in set(lines)]
+    return "\n".join(ordered) if ordered else notes
+
+
+def finding_from(machine: str, error: BaseException, run_seed: int, seconds: float) -> Finding:
+    program = program_of(error)
+    steps = sum(1 for line in program.splitlines() if "state." in line and not line.strip().startswith("state.teardown"))
+    if isinstance(error, InvariantViolation):
+        first = error.violations[0]
+        invariant, severity = first.invariant, first.severity.value
+        detail = "; ".join(v.explain() for v in error.violations)
+    else:
+        invariant, severity = "CRASH", "FATAL"
+        detail = f"{type(error).__name__}: {error}"
+    return Finding(machine, invariant, severity, detail, program, steps, run_seed, seconds)
+
+
+def bind_stats(machine: type[AllocatorMachine], stats: Stats) -> type[AllocatorMachine]:
+    return type(machine.__name__, (machine,), {"stats": stats})
+
+
+def run_check(
+    target: str = "reference",
+    device: str = "cpu",
+    budget: float = 60.0,
+    seed: int | None = None,
+    machines: list[str] | None = None,
+    progress: Callable[[CheckReport], None] | None = None,
+) -> CheckReport:
+    """Run the machines round-robin until a violation or the budget; return what happened."""
+    master = random.randrange(2**32) if seed is None else seed
+    rng = random.Random(master)
+    classes = machine_classes(target, device)
+    names = machines or sorted(classes)
+    stats = Stats()
+    report = CheckReport(target, device, master, budget)
+    run_settings = settings(
+        settings.get_profile("ci"), max_examples=EXAMPLES_PER_RUN, derandomize=False, database=None
+    )
+    started = time.monotonic()
+    while time.monotonic() - started < budget and report.finding is None:
+        for name in names:
+            run_seed = rng.randrange(2**32)
+            machine = hypothesis_seed(run_seed)(bind_stats(classes[name], stats))
+            try:
+                run_state_machine_as_test(machine, settings=run_settings)
+            except Exception as error:  # any failure of the target is a finding, not a harness crash
+                report.finding = finding_from(name, error, run_seed, time.monotonic() - started)
+            report.runs += 1
+            report.programs, report.steps = stats.programs, stats.steps
+            report.seconds = time.monotonic() - started
+            if progress is not None:
+                progress(report)
+            if report.finding is not None or report.seconds >= budget:
+                break
+    return report
+
+
+def print_progress(stream: TextIO = sys.stderr) -> Callable[[CheckReport], None]:
+    last = [0.0]
+
+    def show(report: CheckReport) -> None:
+        if report.seconds - last[0] >= 2.0 or report.finding is not None:
+            last[0] = report.seconds
+            rate = report.steps / report.seconds if report.seconds else 0.0
+            stream.write(
+                f"\r[{report.seconds:6.1f}s / {report.budget:.0f}s] {report.programs} programs, "
+                f"{report.steps} steps ({rate:,.0f}/s)"
+            )
+            stream.flush()
+
+    return show

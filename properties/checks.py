@@ -1,0 +1,201 @@
+"""After every step: read the allocator back once, then compare it with the reference model.
+
+`observe` gathers everything a step's checks need (mapping, both free lists, the translation
+of every index, the packed probe results, the call's result) into one tensor and copies it to
+the host once. `check_step` turns the observation into violations of the named invariants of
+the registry: first the model-free probes, then the model-based invariants, and last CONTRACT
+(the exact SPEC §1 behaviour), reported only when nothing more specific explains a difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from canary.probes import INVARIANTS, AllocatorView, ProbeResults, Violation, run_probes
+from properties.model import Request, SWAModel
+
+
+@dataclass(frozen=True)
+class Observed:
+    mapping: list[int]
+    full_free: list[int]
+    swa_free: list[int]
+    translated: list[int]
+    result: list[int] | None
+    full_available: int
+    swa_available: int
+    available: int
+    probe_violations: list[Violation]
+
+    def same_state(self, other: "Observed") -> bool:
+        return (self.mapping, self.full_free, self.swa_free) == (other.mapping, other.full_free, other.swa_free)
+
+
+def observe(allocator: Any, result: torch.Tensor | None) -> Observed:
+    """One device-to-host copy of everything the checks read."""
+    view = AllocatorView.of(allocator)
+    probes = run_probes(view)
+    every_index = torch.arange(-1, view.mapping.numel() - 1, device=view.mapping.device)
+    translated = allocator.translate_loc_from_full_to_swa(every_index)
+    parts = [view.mapping, view.full_free, view.swa_free, translated, probes.packed.flatten()]
+    if result is not None:
+        parts.append(result.to(torch.int64))
+    host = torch.cat([part.reshape(-1).to(view.mapping.device) for part in parts]).cpu()
+    pieces = iter(torch.split(host, [part.numel() for part in parts]))
+    mapping, full_free, swa_free, translated_host, packed = (next(pieces) for _ in range(5))
+    return Observed(
+        mapping=mapping.tolist(),
+        full_free=full_free.tolist(),
+        swa_free=swa_free.tolist(),
+        translated=translated_host.tolist(),
+        result=None if result is None else next(pieces).tolist(),
+        full_available=view.full_available,
+        swa_available=view.swa_available,
+        available=view.available,
+        probe_violations=ProbeResults.from_packed(probes.names, packed.reshape(probes.packed.shape)).read(),
+    )
+
+
+@dataclass
+class Expectation:
+    """What the model says the step just taken should have done."""
+
+    call: str
+    result: list[int] | None = None
+    is_allocation: bool = False
+    live_before: set[int] = field(default_factory=set)
+
+
+def violation(name: str, indices: Iterable[int], detail: str) -> Violation:
+    indices = list(indices)
+    return Violation(name, INVARIANTS[name].severity, len(indices), indices[:8], detail)
+
+
+def check_step(
+    observed: Observed,
+    previous: Observed | None,
+    model: SWAModel,
+    expectation: Expectation,
+    live_tokens: set[int],
+    requests: Iterable[Request] = (),
+    window: int | None = None,
+) -> list[Violation]:
+    """Every violation the step shows, most severe first."""
+    found = list(observed.probe_violations)
+    found += _check_result(observed, previous, expectation, model.page_size)
+    found += _check_pools(observed, model)
+    found += _check_mapping(observed, model, live_tokens)
+    if window is not None:
+        found += _check_windows(observed, requests, window)
+    found += _check_translation(observed)
+    if not found:
+        found += _check_contract(observed, model, expectation)
+    return sorted(found, key=lambda v: v.severity.value != "FATAL")
+
+
+def _check_result(
+    observed: Observed, previous: Observed | None, expectation: Expectation, page_size: int
+) -> list[Violation]:
+    found = []
+    if not expectation.is_allocation:
+        return found
+    if observed.result is None:
+        if previous is not None and not observed.same_state(previous):
+            found.append(violation("ATOMIC", [], f"{expectation.call} returned None but changed the allocator"))
+        return found
+    result = observed.result
+    repeated = [token for token in set(result) if result.count(token) > 1]
+    reused = [token for token in result if token in expectation.live_before]
+    if repeated or reused:
+        found.append(violation("NODUP", repeated + reused, f"{expectation.call} returned slots twice or slots in use"))
+    padding = [token for token in result if token < page_size]
+    if padding:
+        found.append(violation("PAD", padding, f"{expectation.call} handed out the padding slot or page"))
+    return found
+
+
+def _check_pools(observed: Observed, model: SWAModel) -> list[Violation]:
+    found = []
+    for name, free, pool in (("full", observed.full_free, model.full), ("swa", observed.swa_free, model.swa)):
+        in_use = pool.allocated | set(pool.pending or ())
+        both = sorted(set(free) & pool.allocated)
+        if both:
+            found.append(violation("NODUP", both, f"{name} units both free and allocated"))
+        elif len(set(free)) + len(in_use) != pool.num_units:
+            missing = sorted(set(range(1, pool.num_units + 1)) - set(free) - in_use)
+            found.append(
+                violation(
+                    "CONSERVE",
+                    missing,
+                    f"{name} pool: {len(set(free))} free + {len(in_use)} in use != {pool.num_units} units",
+                )
+            )
+    return found
+
+
+def _check_mapping(observed: Observed, model: SWAModel, live_tokens: set[int]) -> list[Violation]:
+    found = []
+    ps = model.page_size
+    mapping = observed.mapping[:-1]
+    stale = [token for token, peer in enumerate(mapping) if peer != 0 and token not in live_tokens]
+    if stale:
+        found.append(violation("STALE", stale, "full slots that are not live still map to an SWA slot"))
+    referenced = {mapping[token] // ps for token in live_tokens if 0 < token < len(mapping) and mapping[token] > 0}
+    orphaned = sorted(model.swa.allocated - referenced)
+    wild = sorted(referenced - model.swa.allocated)
+    if orphaned or wild:
+        found.append(
+            violation(
+                "SWA_LE_FULL",
+                orphaned + wild,
+                f"SWA units allocated but no live peer: {orphaned[:8]}; live peers on unallocated SWA units: {wild[:8]}",
+            )
+        )
+    return found
+
+
+def _check_windows(observed: Observed, requests: Iterable[Request], window: int) -> list[Violation]:
+    missing, leaked = [], []
+    mapping = observed.mapping
+    for request in requests:
+        start = request.window_start(window)
+        missing += [t for t in request.tokens[start:] if mapping[t] == 0]
+        leaked += [t for t in request.tokens[: request.evict_floor] if mapping[t] != 0]
+    found = []
+    if missing:
+        found.append(violation("WINDOW", missing, "tokens inside a live request's window have no SWA slot"))
+    if leaked:
+        found.append(violation("LEAK", leaked, "tokens already evicted from the window still hold an SWA slot"))
+    return found
+
+
+def _check_translation(observed: Observed) -> list[Violation]:
+    expected = [-1] + observed.mapping[:-1]
+    wrong = [index - 1 for index, (got, want) in enumerate(zip(observed.translated, expected)) if got != want]
+    if wrong:
+        return [violation("XLAT", wrong, "translate_loc_from_full_to_swa(x) != mapping[x]")]
+    return []
+
+
+def _check_contract(observed: Observed, model: SWAModel, expectation: Expectation) -> list[Violation]:
+    differences = []
+    if observed.result != expectation.result:
+        differences.append(f"{expectation.call} returned {observed.result}, the model {expectation.result}")
+    if observed.mapping != model.dense_mapping():
+        wrong = [t for t, (a, b) in enumerate(zip(observed.mapping, model.dense_mapping())) if a != b]
+        differences.append(f"mapping differs at {wrong[:8]}")
+    for name, got, want in (
+        ("full free list", observed.full_free, model.full.all_free()),
+        ("swa free list", observed.swa_free, model.swa.all_free()),
+        ("full_available", observed.full_available, model.full.available()),
+        ("swa_available", observed.swa_available, model.swa.available()),
+        ("available", observed.available, model.available()),
+    ):
+        if got != want:
+            differences.append(f"{name} is {got}, the model says {want}")
+    if differences:
+        return [violation("CONTRACT", [], "; ".join(differences))]
+    return []

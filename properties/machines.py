@@ -1,0 +1,342 @@
+"""Hypothesis state machines that drive an allocator through random programs.
+
+Each machine owns one allocator (built by its target factory), a reference `SWAModel` and
+the live holdings or requests. Contract of every rule: it makes at most one allocation call,
+updates the model the same way, and records what the model expects; the invariant that runs
+after every rule reads the allocator back once and checks it (properties/checks.py).
+
+Bundles hold integer handles, never tensors, so a failing program prints as Python that
+reproduces it. A handle whose holding is gone (freed, cleared, rolled back) makes its rule a
+no-op rather than an error, which keeps shrinking free to drop any step.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from hypothesis import event, strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule
+
+from canary.probes import InvariantViolation
+from properties.checks import Expectation, Observed, check_step, observe
+from properties.driver import AllocatorDriver
+from properties.model import Request, SWAModel
+from properties.targets import AllocatorConfig, Factory, reference_factory, resolve_target
+
+REQUEST_PAGE_SIZES = (1, 2, 4, 16, 64)
+
+
+@dataclass
+class Holding:
+    """Slots from one `alloc`; the first `swa_released` of them have had their SWA peers freed."""
+
+    tokens: list[int]
+    swa_released: int = 0
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Rules shared by every machine: free groups, backup/restore, clear, and the step check."""
+
+    factory: Factory = staticmethod(reference_factory)
+    device: str = "cpu"
+    stats = None  # a properties.check.Stats shared by one check's machines, or None
+    backups = Bundle("backups")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocator = None
+        self.window: int | None = None
+
+    def start(self, size: int, size_swa: int, page_size: int, need_sort: bool) -> None:
+        self.allocator = self.factory(AllocatorConfig(size, size_swa, page_size, self.device, need_sort))
+        self.driver = AllocatorDriver(self.allocator, self.device)
+        self.model = SWAModel(size, size_swa, page_size, need_sort)
+        self.handles: dict[int, object] = {}
+        self.next_handle = 0
+        self.saved: dict[int, tuple[SWAModel, dict, object]] = {}
+        self.result = None
+        self.expectation = Expectation("__init__")
+        self.previous: Observed | None = None
+        if self.stats is not None:
+            self.stats.programs += 1
+
+    # ------------------------------------------------------------ the step
+    def allocate(self, method: str, args: tuple, expected: list[int] | None, live_before: set[int]) -> list[int] | None:
+        """Make one allocation call whose model outcome is `expected` (None: must fail)."""
+        self.result = self.driver.call(method, *args)
+        self.expectation = Expectation(method, expected, True, live_before)
+        if expected is None:
+            full, swa = self.model.full.available(), self.model.swa.available()
+            event("allocation failed: SWA pool ran out first" if swa < full else "allocation failed: full pool exhausted")
+        return expected
+
+    def release(self, method: str, tokens: list[int]) -> None:
+        self.driver.call(method, tokens)
+        getattr(self.model, method)(tokens)
+        self.expectation = Expectation(method)
+
+    def new_handle(self, holding: object) -> int:
+        self.next_handle += 1
+        self.handles[self.next_handle] = holding
+        return self.next_handle
+
+    def live_tokens(self) -> set[int]:
+        raise NotImplementedError
+
+    def live_requests(self) -> list[Request]:
+        return []
+
+    @invariant()
+    def allocator_matches_model(self) -> None:
+        if self.allocator is None:
+            return
+        observed = observe(self.allocator, self.result)
+        violations = check_step(
+            observed, self.previous, self.model, self.expectation, self.live_tokens(), self.live_requests(), self.window
+        )
+        if self.stats is not None:
+            self.stats.steps += 1
+            self.stats.calls[self.expectation.call] += 1
+        self.previous, self.result, self.expectation = observed, None, Expectation("(no call)")
+        if violations:
+            raise InvariantViolation(violations)
+
+    # ------------------------------------------------------ shared rules
+    @precondition(lambda self: self.allocator is not None and not self.model.in_group)
+    @rule()
+    def free_group_begin(self) -> None:
+        self.driver.call("free_group_begin")
+        self.model.group_begin()
+        self.expectation = Expectation("free_group_begin")
+
+    @precondition(lambda self: self.allocator is not None and self.model.in_group)
+    @rule()
+    def free_group_end(self) -> None:
+        if self.model.full.pending or self.model.swa.pending:
+            event("free group flushed deferred frees")
+        self.driver.call("free_group_end")
+        self.model.group_end()
+        self.expectation = Expectation("free_group_end")
+
+    @precondition(lambda self: self.allocator is not None and not self.model.in_group)
+    @rule(target=backups)
+    def backup_state(self) -> int:
+        self.next_handle += 1
+        state = self.allocator.backup_state()
+        self.saved[self.next_handle] = (self.model.snapshot(), copy.deepcopy(self.handles), state)
+        self.expectation = Expectation("backup_state")
+        return self.next_handle
+
+    @precondition(lambda self: self.allocator is not None and not self.model.in_group)
+    @rule(backup=backups)
+    def restore_state(self, backup: int) -> None:
+        if backup not in self.saved:
+            return
+        model, handles, state = self.saved[backup]
+        self.allocator.restore_state(state)
+        self.model, self.handles = copy.deepcopy(model), copy.deepcopy(handles)
+        self.expectation = Expectation("restore_state")
+
+    @precondition(lambda self: self.allocator is not None)
+    @rule()
+    def clear(self) -> None:
+        self.driver.call("clear")
+        self.model.clear()
+        self.handles.clear()
+        self.saved.clear()
+        self.expectation = Expectation("clear")
+
+
+class SlotMachine(AllocatorMachine):
+    """Page size 1, slot-level calls: alloc, free, free_swa on part of a holding, free_full."""
+
+    holdings = Bundle("holdings")
+
+    @initialize(size=st.integers(1, 24), size_swa=st.integers(1, 24), need_sort=st.booleans())
+    def setup(self, size: int, size_swa: int, need_sort: bool) -> None:
+        self.start(size, size_swa, 1, need_sort)
+
+    def live_tokens(self) -> set[int]:
+        return {token for holding in self.handles.values() for token in holding.tokens}
+
+    @rule(target=holdings, need=st.integers(0, 10))
+    def alloc(self, need: int):
+        live_before = self.live_tokens()
+        slots = self.allocate("alloc", (need,), self.model.alloc(need), live_before)
+        return multiple() if slots is None else self.new_handle(Holding(slots))
+
+    @rule(handle=holdings)
+    def free(self, handle: int) -> None:
+        holding = self.handles.pop(handle, None)
+        if holding is not None:
+            self.release("free", holding.tokens)
+
+    @rule(handle=holdings, count=st.integers(1, 10))
+    def free_swa(self, handle: int, count: int) -> None:
+        holding = self.handles.get(handle)
+        if holding is None:
+            return
+        span = holding.tokens[holding.swa_released : holding.swa_released + count]
+        self.release("free_swa", span)
+        holding.swa_released += len(span)
+
+    @rule(handle=holdings)
+    def free_swa_then_full(self, handle: int) -> None:
+        """How a request ends: its remaining SWA peers, then every full slot."""
+        holding = self.handles.pop(handle, None)
+        if holding is None:
+            return
+        self.release("free_swa", holding.tokens[holding.swa_released :])
+        self.release("free_full", holding.tokens)
+
+
+def request_machine(page_size: int) -> type[AllocatorMachine]:
+    """The request-level machine at one page size: prefill, chunked continuation, decode,
+    window eviction, finishing, tail-only SWA admissions, around small pools."""
+    ps = page_size
+    paged = ps > 1
+    max_chunk = 3 * ps + 3
+
+    class RequestMachine(AllocatorMachine):
+        requests = Bundle("requests")
+
+        @initialize(
+            pages=st.integers(2, 16),
+            swa_pages=st.integers(1, 16),
+            need_sort=st.booleans(),
+            window=st.integers(1, 3 * ps + 2),
+        )
+        def setup(self, pages: int, swa_pages: int, need_sort: bool, window: int) -> None:
+            self.start(pages * ps, swa_pages * ps, ps, need_sort)
+            self.window = window
+
+        def live_tokens(self) -> set[int]:
+            return {token for request in self.handles.values() for token in request.tokens}
+
+        def live_requests(self) -> list[Request]:
+            return list(self.handles.values())
+
+        def _live(self, handles: list[int]) -> list[Request]:
+            return [self.handles[h] for h in dict.fromkeys(handles) if h in self.handles]
+
+        def _extend(self, requests: list[Request], lengths: list[int]) -> bool:
+            """One allocation that extends each request by its length; False if it failed."""
+            live_before = self.live_tokens()
+            prefix = [r.seq_len for r in requests]
+            seq = [p + n for p, n in zip(prefix, lengths)]
+            last = [r.last_loc for r in requests]
+            if paged:
+                expected = self.model.alloc_extend(prefix, seq, last)
+                args = (prefix, prefix, seq, seq, last, sum(lengths))
+                slots = self.allocate("alloc_extend", args, expected, live_before)
+            else:
+                slots = self.allocate("alloc", (sum(lengths),), self.model.alloc(sum(lengths)), live_before)
+            if slots is None:
+                return False
+            for request, length in zip(requests, lengths):
+                request.tokens += slots[:length]
+                slots = slots[length:]
+            return True
+
+        @rule(target=requests, lengths=st.lists(st.integers(1, max_chunk), min_size=1, max_size=3))
+        def admit(self, lengths: list[int]):
+            """New requests' prefill, batched in one allocation."""
+            fresh = [Request([]) for _ in lengths]
+            if not self._extend(fresh, lengths):
+                return multiple()
+            return multiple(*(self.new_handle(request) for request in fresh))
+
+        @rule(picks=st.lists(requests, min_size=1, max_size=3), lengths=st.lists(st.integers(1, max_chunk), min_size=3, max_size=3))
+        def continue_prefill(self, picks: list[int], lengths: list[int]) -> None:
+            """Chunked prefill: extend live requests whose prefix is already cached."""
+            live = self._live(picks)
+            if live:
+                self._extend(live, lengths[: len(live)])
+
+        @rule(picks=st.lists(requests, min_size=1, max_size=4))
+        def decode(self, picks: list[int]) -> None:
+            """One decode step for a batch of live requests."""
+            live = self._live(picks)
+            if not live:
+                return
+            if not paged:
+                self._extend(live, [1] * len(live))
+                return
+            live_before = self.live_tokens()
+            seq = [r.seq_len + 1 for r in live]
+            last = [r.last_loc for r in live]
+            slots = self.allocate("alloc_decode", (seq, seq, last), self.model.alloc_decode(seq, last), live_before)
+            for request, slot in zip(live, slots or ()):
+                request.tokens.append(slot)
+
+        @rule(pick=requests)
+        def evict_window(self, pick: int) -> None:
+            """Release the SWA slots the sliding window has left behind (page-floored)."""
+            request = self.handles.get(pick)
+            if request is None:
+                return
+            boundary = request.evict_boundary(self.window, ps)
+            if boundary <= request.evict_floor:
+                return
+            event("window slide freed SWA slots")
+            self.release("free_swa", request.tokens[request.evict_floor : boundary])
+            request.evict_floor = boundary
+
+        @rule(pick=requests, free_swa_first=st.booleans())
+        def finish(self, pick: int, free_swa_first: bool) -> None:
+            """A request ends: `free`, or `free_swa` of its live tokens then `free_full`."""
+            request = self.handles.pop(pick, None)
+            if request is None or not request.tokens:
+                return
+            if free_swa_first:
+                self.release("free_swa", request.tokens[request.evict_floor :])
+                self.release("free_full", request.tokens)
+            else:
+                self.release("free", request.tokens)
+
+        if paged:
+
+            @rule(target=requests, length=st.integers(1, max_chunk), slack=st.integers(0, 2 * ps))
+            def admit_swa_tail(self, length: int, slack: int):
+                """Admit a request whose SWA slots cover only its window tail."""
+                request = Request([])
+                if not self._extend_tail(request, length, slack):
+                    return multiple()
+                return self.new_handle(request)
+
+            @rule(pick=requests, length=st.integers(1, max_chunk), slack=st.integers(0, 2 * ps))
+            def continue_prefill_swa_tail(self, pick: int, length: int, slack: int) -> None:
+                request = self.handles.get(pick)
+                if request is not None:
+                    self._extend_tail(request, length, slack)
+
+            def _extend_tail(self, request: Request, length: int, slack: int) -> bool:
+                tail = min(length, min(self.window, length) + slack)
+                prefix, seq, last = request.seq_len, request.seq_len + length, request.last_loc
+                live_before = self.live_tokens()
+                expected = self.model.alloc_extend_swa_tail(prefix, seq, last, tail)
+                args = ([prefix], [prefix], [seq], [seq], [last], length, tail)
+                slots = self.allocate("alloc_extend_swa_tail", args, expected, live_before)
+                if slots is None:
+                    return False
+                if prefix == 0:
+                    request.evict_floor = (seq - tail) // ps * ps
+                request.tokens += slots
+                return True
+
+    RequestMachine.__name__ = RequestMachine.__qualname__ = f"RequestMachinePS{ps}"
+    return RequestMachine
+
+
+MACHINES: dict[str, type[AllocatorMachine]] = {"SlotMachine": SlotMachine}
+MACHINES.update({f"RequestMachinePS{ps}": request_machine(ps) for ps in REQUEST_PAGE_SIZES})
+
+
+def machine_classes(target: str = "reference", device: str = "cpu") -> dict[str, type[AllocatorMachine]]:
+    """Every machine, bound to one target and device."""
+    factory = resolve_target(target)
+    return {
+        name: type(name, (machine,), {"factory": staticmethod(factory), "device": device})
+        for name, machine in MACHINES.items()
+    }

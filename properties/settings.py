@@ -1,0 +1,54 @@
+"""Hypothesis settings profiles for the machines.
+
+ci       deterministic, no example database, bounded: the same programs on every run.
+dev      the default: a local example database, so failures replay first next time.
+nightly  many long programs, for fuzzing campaigns.
+The directory database writes each example to its own file, so concurrent pytest-xdist
+workers and campaign processes can share one directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+DEFAULT_DATABASE = os.path.join(".hypothesis", "examples")
+_SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    stateful_step_count=40,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_IS_FINE,
+)
+settings.register_profile(
+    "dev",
+    max_examples=60,
+    stateful_step_count=50,
+    database=DirectoryBasedExampleDatabase(DEFAULT_DATABASE),
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_IS_FINE,
+)
+settings.register_profile(
+    "nightly",
+    max_examples=5_000,
+    stateful_step_count=100,
+    database=DirectoryBasedExampleDatabase(DEFAULT_DATABASE),
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_IS_FINE,
+)
+
+PROFILES = ("ci", "dev", "nightly")
+
+
+def default_profile() -> str:
+    """`ci` under CI (the CI environment variable), else `dev`."""
+    return "ci" if os.environ.get("CI") else "dev"

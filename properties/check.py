@@ -20,6 +20,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from canary.probes import InvariantViolation
 from properties.machines import AllocatorMachine, machine_classes
+from properties.targets import Factory
 
 EXAMPLES_PER_RUN = 8
 
@@ -94,7 +95,7 @@ def bind_stats(machine: type[AllocatorMachine], stats: Stats) -> type[AllocatorM
 
 
 def run_check(
-    target: str = "reference",
+    target: str | Factory = "reference",
     device: str = "cpu",
     budget: float = 60.0,
     seed: int | None = None,
@@ -107,7 +108,7 @@ def run_check(
     classes = machine_classes(target, device)
     names = machines or sorted(classes)
     stats = Stats()
-    report = CheckReport(target, device, master, budget)
+    report = CheckReport(target if isinstance(target, str) else getattr(target, "__name__", repr(target)), device, master, budget)
     run_settings = settings(
         settings.get_profile("ci"), max_examples=EXAMPLES_PER_RUN, derandomize=False, database=None
     )

@@ -333,9 +333,9 @@ MACHINES: dict[str, type[AllocatorMachine]] = {"SlotMachine": SlotMachine}
 MACHINES.update({f"RequestMachinePS{ps}": request_machine(ps) for ps in REQUEST_PAGE_SIZES})
 
 
-def machine_classes(target: str = "reference", device: str = "cpu") -> dict[str, type[AllocatorMachine]]:
-    """Every machine, bound to one target and device."""
-    factory = resolve_target(target)
+def machine_classes(target: str | Factory = "reference", device: str = "cpu") -> dict[str, type[AllocatorMachine]]:
+    """Every machine, bound to one target (a spec or a factory) and device."""
+    factory = target if callable(target) else resolve_target(target)
     return {
         name: type(name, (machine,), {"factory": staticmethod(factory), "device": device})
         for name, machine in MACHINES.items()

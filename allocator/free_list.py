@@ -100,6 +100,9 @@ class FreeListAllocator:
             tensor = getattr(state, name)
             if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tensor.device != self.device:
                 raise InvalidStateError(f"state.{name} is not an int64 tensor on {self.device}")
+            # A padding or out-of-range unit in a free list would later be handed out.
+            if tensor.dim() != 1 or (tensor.numel() and (int(tensor.min()) < 1 or int(tensor.max()) > self.num_pages)):
+                raise InvalidStateError(f"state.{name} is not a list of {self.unit_name}s 1..{self.num_pages}")
         if (state.allocated is None) != (self.allocated is None):
             raise InvalidStateError("state was saved with a different checked mode")
         if state.allocated is not None and state.allocated.shape != self.allocated.shape:

@@ -298,6 +298,10 @@ class SWATokenToKVPoolAllocator:
         mapping = state.mapping
         if not isinstance(mapping, torch.Tensor) or mapping.shape != self.full_to_swa_index_mapping.shape:
             raise InvalidStateError("state.mapping belongs to an allocator of another size")
+        if mapping.dtype != torch.int64 or mapping.device != self.device:
+            raise InvalidStateError(f"state.mapping is not an int64 tensor on {self.device}")
+        if int(mapping[-1]) != -1:
+            raise InvalidStateError("state.mapping has lost its sentinel -1")
         self.full_attn_allocator.restore_state(state.full)
         self.swa_attn_allocator.restore_state(state.swa)
         self.full_to_swa_index_mapping.copy_(mapping)

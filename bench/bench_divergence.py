@@ -1,4 +1,4 @@
-"""Divergence detector speed: fused Triton kernel vs vectorised torch vs a direct row-gather.
+"""Divergence detector speed: fused Triton kernel vs vectorised torch vs the sglang formulation.
 
 The "sglang-formulation" baseline is the straightforward way to compare a batch through the mapping,
 as sglang's swa_full_idx_divergence check does: gather whole req_to_token rows, mask by
@@ -8,8 +8,9 @@ lower bound on what a one-off torch check costs, not a full detector.
 Roofline: the bytes that must be read are the live req_to_token entries plus one 8-byte mapping
 gather per live token; fraction = those bytes / (time * peak bandwidth).
 
-    python bench/bench_divergence.py                     # CUDA, batch 64/256/1024 x context 4K/32K
-    python bench/bench_divergence.py --smoke             # CPU, small sizes, torch paths only
+From the repository root:
+    python -m bench.bench_divergence            # CUDA, batch 64/256/1024 x context 4K/32K
+    python -m bench.bench_divergence --smoke    # CPU, small sizes, torch paths only
 """
 
 from __future__ import annotations

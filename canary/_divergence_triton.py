@@ -30,7 +30,7 @@ _MIN_BLOCK = 16
 _INT32_MIN = -(2**31)
 
 # Rows of the [5, B] counts tensor, in DivergenceCounts field order after `live`.
-_WINDOW_MISSING, _LEAKED, _EVICTED, _NON_IDENTITY, _SHARED = range(5)
+_WINDOW_MISSING, _LEAKED, _EVICTED, _NON_IDENTITY, _SHARED = (tl.constexpr(row) for row in range(5))
 
 
 @triton.jit

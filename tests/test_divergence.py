@@ -23,8 +23,15 @@ FIELD_NAMES = [field.name for field in fields(DivergenceCounts)]
 
 
 @pytest.fixture
-def interpreted_triton():
-    """Rebuild the kernels for the Triton interpreter so they run on CPU tensors, then restore."""
+def triton_ready():
+    """Triton runs compiled on CUDA tensors where CUDA exists, else interpreted on CPU tensors.
+
+    Never both in one process: the interpreter patches triton.language for good when a kernel
+    calls a jit helper, which breaks later compilation.
+    """
+    if HAS_CUDA:
+        yield
+        return
     patch = pytest.MonkeyPatch()
     patch.setenv("TRITON_INTERPRET", "1")
     kernels = importlib.reload(importlib.import_module("canary._divergence_triton"))
@@ -37,8 +44,12 @@ def interpreted_triton():
 @pytest.fixture(params=["torch", pytest.param("triton", marks=requires_triton)])
 def impl(request) -> str:
     if request.param == "triton":
-        request.getfixturevalue("interpreted_triton")
+        request.getfixturevalue("triton_ready")
     return request.param
+
+
+def device_for(impl: str) -> str:
+    return "cuda" if impl == "triton" and HAS_CUDA else "cpu"
 
 
 @dataclass
@@ -72,7 +83,7 @@ class Scan:
         )
 
     def run(self, impl: str) -> dict[str, list[int]]:
-        counts = detect_divergence(**self.tensors(), impl=impl)
+        counts = detect_divergence(**self.tensors(device_for(impl)), impl=impl)
         return {name: getattr(counts, name).tolist() for name in FIELD_NAMES}
 
 
@@ -217,7 +228,7 @@ def test_out_of_range_rows_and_lengths_scan_safely(impl):
 def test_empty_batch(impl):
     scan = healthy_scan()
     scan.req_pool_indices, scan.seq_lens = [], []
-    counts = detect_divergence(**scan.tensors(), impl=impl)
+    counts = detect_divergence(**scan.tensors(device_for(impl)), impl=impl)
     assert all(value.shape == (0,) for value in astuple(counts))
     assert counts.totals().tolist() == [0] * 6
 
@@ -311,9 +322,10 @@ def test_torch_matches_loop_reference(scan):
 
 
 @requires_triton
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200 if HAS_CUDA else 40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scan=scans(max_batch=3, max_context=20))
-def test_interpreted_triton_matches_torch(interpreted_triton, scan):
+def test_triton_matches_torch(triton_ready, scan):
     assert scan.run("triton") == scan.run("torch")
 
 
@@ -347,6 +359,7 @@ def random_cuda_state(batch: int, max_context: int, window: int, page_size: int,
     )
 
 
+@pytest.mark.cuda
 @requires_cuda_triton
 @pytest.mark.parametrize("batch, max_context, window, page_size", [(7, 300, 64, 1), (64, 4096, 1024, 16),
                                                                     (256, 2048, 100, 64)])

@@ -65,26 +65,45 @@ def sglang_formulation(req_to_token: Tensor, req_pool_indices: Tensor, seq_lens:
     return (live & (slot != 0) & (slot != full)).sum(dim=1)
 
 
-def time_us(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    """Median microseconds per call: CUDA events on GPU, perf_counter on CPU."""
+ROUNDS = 5
+
+
+def eager_us(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+    """Microseconds per call, calls issued back to back as a serving loop would: the median over
+    ROUNDS rounds of `iters` calls. CUDA events on GPU (host launch cost shows only where it
+    exceeds the GPU time), perf_counter on CPU."""
     for _ in range(warmup):
         fn()
-    samples = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(iters):
+    rounds = []
+    for _ in range(ROUNDS):
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(iters):
+                fn()
             end.record()
             end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3)
-    else:
-        for _ in range(iters):
+            rounds.append(start.elapsed_time(end) * 1e3 / iters)
+        else:
             start_s = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            rounds.append((time.perf_counter() - start_s) * 1e6 / iters)
+    return statistics.median(rounds)
+
+
+def graph_us(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+    """GPU time alone: `fn` captured once in a CUDA graph and replayed, timed like eager_us."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
             fn()
-            samples.append((time.perf_counter() - start_s) * 1e6)
-    return statistics.median(samples)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return eager_us(graph.replay, device, iters, warmup)
 
 
 def live_token_count(state: dict) -> int:
@@ -104,7 +123,7 @@ def main() -> None:
                         help="peak memory bandwidth in B/s for the roofline fraction (default: H100 SXM)")
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--page-size", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=20, help="calls per timed round")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
@@ -114,7 +133,7 @@ def main() -> None:
 
     if args.smoke:
         device = torch.device("cpu")
-        batches, contexts, window, iters, warmup = [4, 16], [256, 1024], 128, 5, 1
+        batches, contexts, window, iters, warmup = [4, 16], [256, 1024], 128, 3, 1
         impls = ["torch", "sglang-formulation"]
     else:
         if not torch.cuda.is_available():
@@ -123,12 +142,15 @@ def main() -> None:
         batches, contexts, window, iters, warmup = args.batches, args.contexts, args.window, args.iters, args.warmup
         impls = ["triton", "torch", "sglang-formulation"]
 
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"window {window}, page size {args.page_size}, peak {args.peak_bandwidth:.3g} B/s, "
-          f"median of {iters}")
+    on_gpu = device.type == "cuda"
+    print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, window {window}, "
+          f"page size {args.page_size}, peak {args.peak_bandwidth:.3g} B/s, "
+          f"median of {ROUNDS} rounds of {iters} calls")
+    print("eager: back-to-back calls; graph: CUDA graph replay (GPU time); roofline and ratio use "
+          "graph time on GPU, eager time on CPU")
     print()
-    print("| batch | context | live tokens | impl | µs | roofline | time / triton |")
-    print("|---:|---:|---:|---|---:|---:|---:|")
+    print("| batch | context | live tokens | impl | eager µs | graph µs | roofline | time / triton |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|")
     for context in contexts:
         for batch in batches:
             state = build_state(batch, context, window, args.page_size, device, seed=batch * context)
@@ -140,11 +162,15 @@ def main() -> None:
                     state["req_to_token"], state["req_pool_indices"], state["seq_lens"], state["mapping"]
                 ),
             }
-            timings = {impl: time_us(calls[impl], device, iters, warmup) for impl in impls}
-            for impl, micros in timings.items():
-                fraction = bytes_needed / (micros * 1e-6 * args.peak_bandwidth)
-                ratio = f"{micros / timings['triton']:.2f}x" if "triton" in timings else "-"
-                print(f"| {batch} | {context} | {live_tokens} | {impl} | {micros:.1f} | {fraction:.1%} | {ratio} |")
+            eager = {impl: eager_us(calls[impl], device, iters, warmup) for impl in impls}
+            graph = {impl: graph_us(calls[impl], device, iters, warmup) for impl in impls} if on_gpu else {}
+            reference = graph or eager
+            for impl in impls:
+                fraction = bytes_needed / (reference[impl] * 1e-6 * args.peak_bandwidth)
+                ratio = f"{reference[impl] / reference['triton']:.2f}x" if "triton" in reference else "-"
+                graph_cell = f"{graph[impl]:.1f}" if on_gpu else "-"
+                print(f"| {batch} | {context} | {live_tokens} | {impl} | {eager[impl]:.1f} | {graph_cell} "
+                      f"| {fraction:.1%} | {ratio} |")
             del state
             if device.type == "cuda":
                 torch.cuda.empty_cache()

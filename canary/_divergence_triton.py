@@ -1,14 +1,20 @@
 """Fused Triton implementation of the divergence detector (imported lazily, on CUDA only).
 
 Two launches, each over a (request, block of positions) grid:
-1. `_scan_kernel` reads each live req_to_token entry once, gathers its SWA slot, adds the
-   window / leak / evict / non-identity counts, writes the slot to an int32 scratch row, and
-   records each slot's largest and smallest full holder with atomic max.
-2. `_shared_kernel` re-reads only the scratch and counts tokens whose slot has two distinct
-   full holders. Max and min are order-independent, so the count is deterministic.
+1. `_scan_kernel` reads each live req_to_token entry once, gathers its SWA slot and adds the
+   window / leak / evict / non-identity counts. Each slot-holding token does one atomic max of
+   its full index into the slot's holder entry; the previous value it gets back tells it
+   whether a different full token got there first, and if so it marks the slot as clashing.
+   Whichever order the tokens arrive in, the first arrival of a second distinct full index
+   sees the other one, so a slot is marked exactly when it has two distinct holders: the
+   result is deterministic. Blocks holding any slot write their slots to an int32 scratch
+   and raise a per-block flag.
+2. `_shared_kernel` re-reads only the flagged blocks' scratch and counts tokens whose slot
+   is marked.
 
-Blocks past a request's scan length do no memory traffic, so the cost follows live tokens,
-not max_context. Semantics match `canary.divergence` exactly (see its module docstring).
+Blocks past a request's scan length do no memory traffic, and blocks with no slot-holding
+token skip the scratch, so the cost follows live tokens, not max_context. Semantics match
+`canary.divergence` exactly (see its module docstring).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ INTERPRETED: bool = bool(knobs.runtime.interpret)
 
 _MAX_BLOCK = 1024
 _MIN_BLOCK = 16
-_INT32_MIN = -(2**31)
+# Holder entries start below every full index; clash flags start unset.
+_NO_HOLDER = tl.constexpr(-1)
 
 # Rows of the [5, B] counts tensor, in DivergenceCounts field order after `live`.
 _WINDOW_MISSING, _LEAKED, _EVICTED, _NON_IDENTITY, _SHARED = (tl.constexpr(row) for row in range(5))
@@ -51,7 +58,7 @@ def _scan_kernel(
     req_to_token_ptr, stride_row, stride_pos, num_rows, max_context,
     req_pool_indices_ptr, seq_lens_ptr, evict_floors_ptr,
     mapping_ptr, mapping_len, window, page_size, swa_slots,
-    slots_ptr, holders_ptr, counts_ptr, batch,
+    slots_ptr, block_flags_ptr, holders_ptr, counts_ptr, batch,
     HAS_EVICT_FLOORS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     req, row, seq_len, positions, live, any_live = _block_positions(
@@ -83,29 +90,33 @@ def _scan_kernel(
 
         # Slots outside [1, swa_slots) have no holder entry; scratch 0 tells pass 2 to skip them.
         tracked = holds & (slot < swa_slots)
-        tl.store(slots_ptr + req * max_context + positions, tl.where(tracked, slot, 0).to(tl.int32), mask=live)
-        full32 = full.to(tl.int32)
-        tl.atomic_max(holders_ptr + slot, full32, mask=tracked, sem="relaxed")
-        tl.atomic_max(holders_ptr + swa_slots + slot, -full32, mask=tracked, sem="relaxed")
+        any_tracked = tl.max(tracked.to(tl.int8), axis=0)
+        tl.store(block_flags_ptr + req * tl.num_programs(1) + tl.program_id(1), any_tracked)
+        if any_tracked != 0:
+            tl.store(slots_ptr + req * max_context + positions, tl.where(tracked, slot, 0).to(tl.int32), mask=live)
+            full32 = full.to(tl.int32)
+            previous = tl.atomic_max(holders_ptr + slot, full32, mask=tracked, sem="relaxed")
+            clash = tracked & (previous != _NO_HOLDER) & (previous != full32)
+            tl.store(holders_ptr + swa_slots + slot, 1, mask=clash)
 
 
 @triton.jit
 def _shared_kernel(
     req_pool_indices_ptr, seq_lens_ptr, num_rows, max_context,
-    slots_ptr, holders_ptr, swa_slots, counts_ptr, batch,
+    slots_ptr, block_flags_ptr, holders_ptr, swa_slots, counts_ptr, batch,
     BLOCK: tl.constexpr,
 ):
     req, row, seq_len, positions, live, any_live = _block_positions(
         req_pool_indices_ptr, seq_lens_ptr, num_rows, max_context, BLOCK
     )
     if any_live:
-        slot = tl.load(slots_ptr + req * max_context + positions, mask=live, other=0)
-        tracked = slot > 0
-        largest = tl.load(holders_ptr + slot, mask=tracked, other=0)
-        negated_smallest = tl.load(holders_ptr + swa_slots + slot, mask=tracked, other=0)
-        # largest - smallest > 0, written without overflow: both stay within int32.
-        shared = tracked & (largest + negated_smallest > 0)
-        tl.atomic_add(counts_ptr + _SHARED * batch + req, tl.sum(shared.to(tl.int64), axis=0), sem="relaxed")
+        # Flags are only read for blocks with a live token, which pass 1 always wrote.
+        if tl.load(block_flags_ptr + req * tl.num_programs(1) + tl.program_id(1)) != 0:
+            slot = tl.load(slots_ptr + req * max_context + positions, mask=live, other=0)
+            tracked = slot > 0
+            clashing = tl.load(holders_ptr + swa_slots + slot, mask=tracked, other=0) == 1
+            shared = tracked & clashing
+            tl.atomic_add(counts_ptr + _SHARED * batch + req, tl.sum(shared.to(tl.int64), axis=0), sem="relaxed")
 
 
 def count_divergence(
@@ -126,11 +137,15 @@ def count_divergence(
     if batch == 0 or max_context == 0:
         return tuple(counts.unbind(0))
 
-    block = max(_MIN_BLOCK, min(_MAX_BLOCK, triton.next_power_of_2(max_context)))
+    # Short rows still spread over about four programs each; long rows use the largest block.
+    block = max(_MIN_BLOCK, min(_MAX_BLOCK, triton.next_power_of_2(max_context) // 4))
     grid = (batch, triton.cdiv(max_context, block))
-    # Every live position gets written in pass 1 before pass 2 reads it, so no zero-fill is needed.
+    # Pass 2 reads only what pass 1 wrote (flags of live blocks, scratch of flagged blocks),
+    # so neither needs a zero-fill.
     slots = torch.empty((batch, max_context), dtype=torch.int32, device=device)
-    holders = torch.full((2, swa_slots), _INT32_MIN, dtype=torch.int32, device=device)
+    block_flags = torch.empty(grid, dtype=torch.int8, device=device)
+    # Row 0: largest full holder seen per slot; row 1: clash flag (1 = two distinct holders).
+    holders = torch.full((2, swa_slots), _NO_HOLDER.value, dtype=torch.int32, device=device)
     seq_lens = seq_lens.contiguous()
     req_pool_indices = req_pool_indices.contiguous()
     mapping = mapping.contiguous()
@@ -141,12 +156,12 @@ def count_divergence(
             req_to_token, req_to_token.stride(0), req_to_token.stride(1), num_rows, max_context,
             req_pool_indices, seq_lens, floors,
             mapping, mapping.numel(), window, page_size, swa_slots,
-            slots, holders, counts, batch,
+            slots, block_flags, holders, counts, batch,
             HAS_EVICT_FLOORS=evict_floors is not None, BLOCK=block,
         )
         _shared_kernel[grid](
             req_pool_indices, seq_lens, num_rows, max_context,
-            slots, holders, swa_slots, counts, batch,
+            slots, block_flags, holders, swa_slots, counts, batch,
             BLOCK=block,
         )
     return tuple(counts.unbind(0))

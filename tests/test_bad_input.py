@@ -3,7 +3,8 @@
 Each case builds an allocator in a known, non-trivial state (live slots, staged frees, a
 mapping that is not the identity), makes one bad call, and compares the whole observable state
 (free and staged lists of both pools, checked-mode bookkeeping, open free group, mapping,
-available sizes) before and after.
+available sizes) before and after. The snapshot and call-argument helpers defined here are
+also what the other allocator test modules use.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def not_cpu(device: torch.device) -> torch.device:
 
 
 def ids(values: list, device: torch.device) -> torch.Tensor:
+    """An int64 index tensor on `device`."""
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 

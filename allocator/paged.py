@@ -45,10 +45,10 @@ def extend_indices(
     first_page_slot = torch.cumsum(pages_needed, 0) - pages_needed
     first_output = torch.cumsum(extend_lens, 0) - extend_lens
 
-    request = torch.repeat_interleave(
-        torch.arange(prefix_lens.numel(), device=device), extend_lens, output_size=extend_num_tokens
-    )
-    position = prefix_lens[request] + torch.arange(extend_num_tokens, device=device) - first_output[request]
+    # searchsorted rather than repeat_interleave: no host sync on CUDA, and fast on CPU.
+    output = torch.arange(extend_num_tokens, device=device)
+    request = torch.searchsorted(first_output + extend_lens, output, right=True)
+    position = prefix_lens[request] + output - first_output[request]
     on_current_page = position < pages_before[request] * page_size
     page_slot = first_page_slot[request] + position // page_size - pages_before[request]
     page_slot = page_slot.clamp(0, new_pages.numel())

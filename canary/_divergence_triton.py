@@ -1,4 +1,4 @@
-"""Fused Triton implementation of the divergence detector (imported lazily, on CUDA only).
+"""Fused Triton implementation of the divergence detector (imported lazily by canary.divergence).
 
 Two launches, each over a (request, block of positions) grid:
 1. `_scan_kernel` reads each live req_to_token entry once, gathers its SWA slot and adds the
@@ -43,7 +43,7 @@ _WINDOW_MISSING, _LEAKED, _EVICTED, _NON_IDENTITY, _SHARED = (tl.constexpr(row) 
 @triton.jit
 def _block_positions(req_pool_indices_ptr, seq_lens_ptr, num_rows, max_context, BLOCK: tl.constexpr):
     """This program's positions, the live mask over them, and whether any is live."""
-    req = tl.program_id(0)
+    req = tl.program_id(0).to(tl.int64)  # req * max_context indexes a scratch that may pass 2**31
     block_start = tl.program_id(1).to(tl.int64) * BLOCK
     row = tl.load(req_pool_indices_ptr + req)
     seq_len = tl.load(seq_lens_ptr + req)

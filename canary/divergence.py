@@ -165,6 +165,9 @@ def _resolve_kernels(impl: str, device: torch.device, mapping_len: int):
         if impl == "auto":
             return None
         raise DivergenceInputError("impl='triton' needs the triton package") from exc
+    if impl == "auto" and _divergence_triton.INTERPRETED:
+        # Interpreted kernels copy every tensor to the host: never the automatic choice.
+        return None
     if device.type != "cuda" and not _divergence_triton.INTERPRETED:
         raise DivergenceInputError(
             f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}"

@@ -33,8 +33,9 @@ What allocator state alone can show (units are slots at page size 1, pages other
 from __future__ import annotations
 
 import enum
+import functools
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Iterable, Sequence
 
@@ -217,8 +218,8 @@ def _describe_value(value: object) -> str:
 
 
 # ----------------------------------------------------------------- packed codes
-# A code is (tag << _TAG_SHIFT) + item + 1: items are >= -1 (histogram bins report a
-# negative value as -1), so codes are >= 0 and never collide with the -1 padding.
+# A code is (tag << _TAG_SHIFT) + item + 1: items are >= -1 (free-list histograms report
+# negative entries as -1), so codes are >= 0 and never collide with the -1 padding.
 _TAG_SHIFT = 40
 
 
@@ -231,19 +232,20 @@ def _decode(code: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class _Evidence:
-    """One check's candidates: flags[i] marks item `first + i`, or `items[i]` when given."""
+class _Flags:
+    """One check's verdict over a run of items: flags[i] marks item `first + i`."""
 
     tag: int
     flags: Tensor
     first: int = 0
-    items: Tensor | None = None
 
-    def codes(self) -> Tensor:
-        if self.items is not None:
-            return self.items + _encode(self.tag, 0)
-        start = _encode(self.tag, self.first)
-        return torch.arange(start, start + self.flags.numel(), device=self.flags.device)
+
+@dataclass(frozen=True)
+class _Amounts:
+    """Verdicts on a few computed amounts: flags[i] marks the item coded as codes[i]."""
+
+    flags: Tensor
+    codes: Tensor
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,28 @@ class _Finding:
 
     tag: int
     item: int
+
+
+@dataclass
+class _Verdict:
+    """What one probe found: item runs (collected for all probes at once), or host-known
+    findings plus a few computed amounts (collected per probe)."""
+
+    runs: list[_Flags] = field(default_factory=list)
+    findings: list[_Finding] = field(default_factory=list)
+    amounts: list[_Amounts] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """A small int64 tensor of layout constants, copied to the device once, without a sync.
+
+    The layout depends only on the pool sizes and the probes chosen, so later calls reuse it.
+    """
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 # ------------------------------------------------------------- shared tensors
@@ -274,29 +298,43 @@ class _State:
 
     @cached_property
     def holds(self) -> Tensor:
+        """[full_units + 1, ps]: whether each full token has a nonzero entry."""
         return self.pages != 0
 
     @cached_property
-    def ones(self) -> Tensor:
-        longest = max(self.pages.numel(), self.view.full_free.numel(), self.view.swa_free.numel())
-        return torch.ones(longest, dtype=torch.int32, device=self.device)
+    def peer_bins(self) -> Tensor:
+        """Each entry's bin among the SWA slots: 0 for a negative entry, s + 1 for slot s
+        (1 for "no peer"), swa_slots + 1 for an entry past the pool."""
+        return self.pages.reshape(-1).clamp(-1, self.swa_slots) + 1
 
-    def _histogram(self, values: Tensor, bins: int) -> Tensor:
-        counts = torch.zeros(bins, dtype=torch.int32, device=self.device)
-        return counts.index_add_(0, values, self.ones[: values.numel()])
+    def _histogram(self, bins: Tensor, size: int) -> Tensor:
+        counts = torch.zeros(size, dtype=torch.int32, device=self.device)
+        ones = torch.ones(1, dtype=torch.int32, device=self.device).expand(bins.numel())
+        return counts.index_add_(0, bins, ones)
 
-    def _free_histogram(self, free: Tensor, units: int) -> Tensor:
-        """Bin v + 1 counts the free-list entries equal to v, for v in -1..units + 1; bin 0
-        takes every negative entry and the last bin every entry above `units`."""
+    @cached_property
+    def peer_bin_counts(self) -> Tensor:
+        """[swa_slots + 2]: how many entries fall in each of `peer_bins`' bins."""
+        return self._histogram(self.peer_bins, self.swa_slots + 2)
+
+    @cached_property
+    def swa_unit_refs(self) -> Tensor:
+        """[swa_units]: entries pointing into each SWA unit 1..swa_units."""
+        slots = self.peer_bin_counts[self.ps + 1 : self.swa_slots + 1]
+        return slots if self.ps == 1 else slots.view(self.swa_units, self.ps).sum(1)
+
+    def _free_counts(self, free: Tensor, units: int) -> Tensor:
+        """[units + 3]: bin v + 1 counts the free-list entries equal to v, for v in
+        -1..units + 1; bin 0 takes every negative entry, the last every entry past the pool."""
         return self._histogram(free.clamp(-1, units + 1) + 1, units + 3)
 
     @cached_property
     def full_free_counts(self) -> Tensor:
-        return self._free_histogram(self.view.full_free, self.full_units)
+        return self._free_counts(self.view.full_free, self.full_units)
 
     @cached_property
     def swa_free_counts(self) -> Tensor:
-        return self._free_histogram(self.view.swa_free, self.swa_units)
+        return self._free_counts(self.view.swa_free, self.swa_units)
 
     @cached_property
     def full_unit_free(self) -> Tensor:
@@ -304,67 +342,57 @@ class _State:
         return self.full_free_counts[1 : self.full_units + 2] > 0
 
     @cached_property
-    def swa_unit_free(self) -> Tensor:
-        """[swa_units + 2]: whether each SWA unit is in the free list; the last entry stands
-        for every unit past the pool."""
-        return self.swa_free_counts[1:] > 0
-
-    @cached_property
-    def swa_slot_refs(self) -> Tensor:
-        """[swa_slots]: how many mapping entries point at each SWA slot. Entry 0 also counts
-        the zero and negative entries, so only slots >= 1 mean anything."""
-        slot = self.pages.reshape(-1).clamp(0, self.swa_slots)
-        return self._histogram(slot, self.swa_slots + 1)[: self.swa_slots]
-
-    @cached_property
-    def swa_unit_refs(self) -> Tensor:
-        """[swa_units + 1]: mapping entries pointing into each SWA unit (unit 0: see above)."""
-        if self.ps == 1:
-            return self.swa_slot_refs
-        return self.swa_slot_refs.view(self.swa_units + 1, self.ps).sum(1)
+    def peer_faults(self) -> Tensor:
+        """uint8 per entry: bit 0 when it points below or past the SWA pool or into a free SWA
+        unit; bit 1 when it points into the SWA padding page (slots 1..ps-1). One gather
+        through a per-bin table answers both for every entry."""
+        table = torch.zeros(self.swa_slots + 2, dtype=torch.uint8, device=self.device)
+        unit_free = self.swa_free_counts[1 : self.swa_units + 2] > 0
+        table[1 : self.swa_slots + 1].view(self.swa_units + 1, self.ps).copy_(unit_free[:, None])
+        table[1] = 0  # slot 0 is "no peer"
+        table[0] = 1
+        table[-1] = 1
+        if self.ps > 1:
+            table[2 : self.ps + 1] |= 2
+        return table.index_select(0, self.peer_bins)
 
 
 # ------------------------------------------------------------------ the probes
-ProbeOutput = tuple[list[_Finding], list[_Evidence]]
-
-
-def _probe_sentinel(state: _State) -> ProbeOutput:
+def _probe_sentinel(state: _State) -> _Verdict:
     mapping = state.view.mapping
-    return [], [_Evidence(0, mapping[-1:] != -1, first=mapping.numel() - 1)]
+    return _Verdict(runs=[_Flags(0, mapping[-1:] != -1, first=mapping.numel() - 1)])
 
 
-def _probe_pad(state: _State) -> ProbeOutput:
-    evidence = [
-        _Evidence(0, state.full_free_counts[1:2] > 0),
-        _Evidence(1, state.swa_free_counts[1:2] > 0),
-        _Evidence(2, state.holds[0]),
+def _probe_pad(state: _State) -> _Verdict:
+    runs = [
+        _Flags(0, state.full_free_counts[1:2] > 0),
+        _Flags(1, state.swa_free_counts[1:2] > 0),
+        _Flags(2, state.holds[0]),
     ]
     if state.ps > 1:
-        peers = state.pages.reshape(-1)
-        evidence.append(_Evidence(3, (peers > 0) & (peers < state.ps)))
-    return [], evidence
+        runs.append(_Flags(3, (state.peer_faults >> 1).view(torch.bool)))
+    return _Verdict(runs=runs)
 
 
-def _probe_nodup(state: _State) -> ProbeOutput:
-    def misplaced(counts: Tensor) -> Tensor:
-        # Any entry in the out-of-range bins (negative, 0, past the pool) is wrong; in-range
-        # units may appear once.
-        allowed = torch.ones_like(counts)
-        allowed[:2] = 0
-        allowed[-1:] = 0
-        return counts > allowed
-
-    return [], [
-        _Evidence(0, misplaced(state.full_free_counts), first=-1),
-        _Evidence(1, misplaced(state.swa_free_counts), first=-1),
-    ]
+def _probe_nodup(state: _State) -> _Verdict:
+    runs = []
+    for tag, counts, units in ((0, state.full_free_counts, state.full_units), (1, state.swa_free_counts, state.swa_units)):
+        # Bins: negative, 0, 1..units, past the pool. Out-of-range values may not appear at all.
+        runs += [
+            _Flags(tag, counts[:2] > 0, first=-1),
+            _Flags(tag, counts[2 : units + 2] > 1, first=1),
+            _Flags(tag, counts[units + 2 :] > 0, first=units + 1),
+        ]
+    return _Verdict(runs=runs)
 
 
-def _probe_conserve(state: _State) -> ProbeOutput:
+def _probe_conserve(state: _State) -> _Verdict:
     view, ps = state.view, state.ps
     full_free, swa_free = view.full_free.numel(), view.swa_free.numel()
-    full_excess = state.holds[1:].any(1).sum().reshape(1) + (full_free - state.full_units)
-    swa_excess = (state.swa_unit_refs[1:] > 0).sum().reshape(1) + (swa_free - state.swa_units)
+    in_use = torch.stack((state.holds[1:].any(1).sum(), (state.swa_unit_refs > 0).sum()))
+    room = _constant((state.full_units - full_free, state.swa_units - swa_free), state.device)
+    # Item: the excess in_use - room, tagged 0 (full) or 1 (SWA).
+    codes = in_use + _constant((_encode(0, -state.full_units + full_free), _encode(1, -state.swa_units + swa_free)), state.device)
     findings = [
         _Finding(tag, abs(amount))
         for tag, amount, wrong in (
@@ -375,51 +403,47 @@ def _probe_conserve(state: _State) -> ProbeOutput:
         )
         if wrong
     ]
-    return findings, [_Evidence(0, full_excess > 0, items=full_excess), _Evidence(1, swa_excess > 0, items=swa_excess)]
+    return _Verdict(findings=findings, amounts=[_Amounts(in_use > room, codes)])
 
 
-def _probe_swa_le_full(state: _State) -> ProbeOutput:
-    peers = state.pages.reshape(-1)
-    slot = peers.clamp(0, state.swa_slots)
-    outside = (peers < 0) | (peers >= state.swa_slots)
-    on_free_unit = state.swa_unit_free[slot // state.ps]
-    evidence = [
-        _Evidence(0, state.swa_slot_refs[1:] > 1, first=1),
-        _Evidence(1, (peers != 0) & (outside | on_free_unit)),
+def _probe_swa_le_full(state: _State) -> _Verdict:
+    slot_refs = state.peer_bin_counts[2 : state.swa_slots + 1]
+    runs = [
+        _Flags(0, slot_refs > 1, first=1),
+        _Flags(1, (state.peer_faults & 1).view(torch.bool)),
     ]
     if not state.view.in_free_group:
-        orphaned = (state.swa_unit_refs[1:] == 0) & ~state.swa_unit_free[1 : state.swa_units + 1]
-        evidence.append(_Evidence(2, orphaned, first=1))
-    return [], evidence
+        orphaned = (state.swa_unit_refs + state.swa_free_counts[2 : state.swa_units + 2]) == 0
+        runs.append(_Flags(2, orphaned, first=1))
+    return _Verdict(runs=runs)
 
 
-def _probe_avail(state: _State) -> ProbeOutput:
+def _probe_avail(state: _State) -> _Verdict:
     view = state.view
     if view.available == min(view.full_available, view.swa_available):
-        return [], []
-    return [_Finding(0, view.available)], []
+        return _Verdict()
+    return _Verdict(findings=[_Finding(0, view.available)])
 
 
-def _probe_stale(state: _State) -> ProbeOutput:
-    return [], [_Evidence(0, (state.holds & state.full_unit_free[:, None]).reshape(-1))]
+def _probe_stale(state: _State) -> _Verdict:
+    return _Verdict(runs=[_Flags(0, (state.holds & state.full_unit_free[:, None]).reshape(-1))])
 
 
-def _probe_page(state: _State) -> ProbeOutput:
+def _probe_page(state: _State) -> _Verdict:
     if state.ps == 1:
-        return [], []
+        return _Verdict()
     offsets = torch.arange(state.ps, device=state.device)
     # A token paired correctly maps to (its SWA page) * ps + (its own offset), so
-    # peer - offset is the same multiple of ps for every held token of the page.
+    # entry - offset is the same multiple of ps for every held token of the page.
     base = state.pages - offsets
-    largest = torch.iinfo(torch.int64).max
-    smallest = torch.where(state.holds, base, largest).amin(1, keepdim=True)
+    smallest = torch.where(state.holds, base, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
     broken = state.holds & ((base != smallest) | (smallest % state.ps != 0))
-    return [], [_Evidence(0, broken.reshape(-1))]
+    return _Verdict(runs=[_Flags(0, broken.reshape(-1))])
 
 
 @dataclass(frozen=True)
 class _Probe:
-    run: Callable[[_State], ProbeOutput]
+    run: Callable[[_State], _Verdict]
     checks: tuple[str, ...]
     """What each check's items are, by tag: the noun phrase `Violation.explain` prints."""
 
@@ -523,19 +547,14 @@ def run_probes(view: AllocatorView, names: Iterable[str] | None = None, max_indi
         raise ProbeInputError(f"max_indices must be an int >= 0, got {max_indices!r}")
     selected = _select(INVARIANTS if names is None else names)
     state = _State(view)
-    width = max_indices + 1
-    # One spare entry past the last row: a row's overflow column is the next row's count
-    # column (or this spare), and the counts are written last, over it.
-    buffer = torch.full((len(selected) * width + 1,), -1, dtype=torch.int64, device=state.device)
-    counts = []
-    for row, name in enumerate(selected):
-        findings, evidence = _PROBES[name].run(state)
-        counts.append(_collect(buffer[row * width : (row + 1) * width + 1], findings, evidence, max_indices))
-    packed = buffer[: len(selected) * width].view(len(selected), width)
-    if selected:
-        zero = torch.zeros((), dtype=torch.int64, device=state.device)
-        packed[:, 0] = torch.stack([count if isinstance(count, Tensor) else zero + count for count in counts])
-    return ProbeResults(selected, packed)
+    verdicts = {name: _PROBES[name].run(state) for name in selected}
+    rows = _collect_runs({name: verdict.runs for name, verdict in verdicts.items()}, max_indices, state.device)
+    for name, verdict in verdicts.items():
+        if name not in rows:
+            rows[name] = _collect_amounts(verdict.findings, verdict.amounts, max_indices, state.device)
+    if not selected:
+        return ProbeResults((), torch.empty((0, max_indices + 1), dtype=torch.int64, device=state.device))
+    return ProbeResults(selected, torch.stack([rows[name] for name in selected]))
 
 
 def _select(names: Iterable[str]) -> tuple[str, ...]:
@@ -551,29 +570,64 @@ def _select(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(selected)
 
 
-def _collect(row: Tensor, findings: list[_Finding], evidence: list[_Evidence], max_indices: int) -> Tensor | int:
-    """Fill one packed row (plus its overflow column) and return the count, not yet written.
+def _collect_runs(runs_by_probe: dict[str, list[_Flags]], max_indices: int, device: torch.device) -> dict[str, Tensor]:
+    """The packed rows of every probe that reports item runs, collected all at once.
 
-    Host-known findings take the first columns; each flagged item then goes to column
-    (findings + its rank among the flagged items), or to the overflow column past
-    max_indices. Unflagged items go to the overflow column too.
+    All runs are laid end to end in one flag vector, one cumulative sum ranks the flagged
+    items, and a binary search in that sum finds each probe's first `max_indices` items; a
+    second search in the run starts turns positions back into items.
     """
+    probes, flags, run_starts, run_offsets, bounds = [], [], [], [], []
+    position = 0
+    for name, runs in runs_by_probe.items():
+        runs = [run for run in runs if run.flags.numel()]
+        if not runs:
+            continue
+        probes.append(name)
+        bounds.append(position)
+        for run in runs:
+            flags.append(run.flags.reshape(-1))
+            run_starts.append(position)
+            run_offsets.append(_encode(run.tag, run.first) - position)
+            position += run.flags.numel()
+    if not probes:
+        return {}
+    ranks = torch.cat(flags).cumsum(0, dtype=torch.int32)
+    zero = torch.zeros(1, dtype=torch.int32, device=device)
+    # ranks_before[i]: flagged items before probe i's runs; the last entry counts them all.
+    ranks_before = torch.cat([zero] + [ranks[start - 1 : start] for start in bounds[1:]] + [ranks[-1:]])
+    counts = ranks_before[1:] - ranks_before[:-1]
+    wanted = ranks_before[:-1, None] + torch.arange(1, max_indices + 1, dtype=torch.int32, device=device)
+    positions = torch.searchsorted(ranks, wanted)
+    # run_of is 1 + the index of the run holding each position; offsets are padded to match.
+    run_of = torch.searchsorted(_constant(tuple(run_starts), device), positions, right=True)
+    codes = positions + torch.take(_constant((0, *run_offsets), device), run_of)
+    shown = torch.arange(max_indices, device=device) < counts[:, None]
+    block = torch.cat((counts[:, None].long(), torch.where(shown, codes, -1)), dim=1)
+    return dict(zip(probes, block))
+
+
+def _collect_amounts(
+    findings: list[_Finding], amounts: list[_Amounts], max_indices: int, device: torch.device
+) -> Tensor:
+    """The packed row of a probe with host-known findings and a few computed amounts.
+
+    Findings take the first columns; each flagged amount goes to the next column by its rank,
+    or to a spare column past the row (dropped) when the row is full or it is not flagged.
+    """
+    row = torch.full((max_indices + 2,), -1, dtype=torch.int64, device=device)
     for column, finding in enumerate(findings[:max_indices], start=1):
         row[column] = _encode(finding.tag, finding.item)
-    evidence = [item for item in evidence if item.flags.numel()]
-    if not evidence:
-        return len(findings)
-    if len(evidence) == 1:
-        flags, codes = evidence[0].flags, evidence[0].codes()
-    else:
-        flags = torch.cat([item.flags for item in evidence])
-        codes = torch.cat([item.codes() for item in evidence])
-    rank = flags.cumsum(0)
-    if findings:
-        rank = rank + len(findings)
-    overflow = max_indices + 1
-    row.scatter_(0, torch.where(flags, rank, overflow).clamp_(max=overflow), codes)
-    return rank[-1]
+    if not amounts:
+        row[0] = len(findings)
+        return row[:-1]
+    flags = torch.cat([amount.flags for amount in amounts])
+    codes = torch.cat([amount.codes for amount in amounts])
+    rank = flags.cumsum(0) + len(findings)
+    spare = max_indices + 1
+    row.scatter_(0, torch.where(flags, rank, spare).clamp_(max=spare), codes)
+    row[0:1] = rank[-1:]
+    return row[:-1]
 
 
 def _decode_row(name: str, row: list[int]) -> Violation | None:

@@ -212,7 +212,12 @@ def test_conserve_checks_counts_and_sizes_on_both_pools() -> None:
     # full: 40 > 32 (by 8) and 40 != 32 free (by 8); SWA: 20 > 16 (by 4), 20 != 16 (by 4);
     # counts: full 32 free + 2 used exceed 32 by 2, SWA likewise by 2.
     assert (conserve.count, conserve.indices) == (6, [8, 4, 8, 4, 2, 2])
-    assert "full_available_size() exceeds size_full by (1)" in conserve.detail
+    assert conserve.detail == (
+        "full_available_size() exceeds size_full by (1), then swa_available_size() exceeds size_swa by (1), "
+        "then full_available_size() differs from the free full units x page_size by (1), "
+        "then swa_available_size() differs from the free SWA units x page_size by (1), "
+        "then full units free + in use exceed the pool by (1), then SWA units free + in use exceed the pool by (1)"
+    )
 
 
 def test_swa_le_full_reports_shared_free_and_missing_peers() -> None:

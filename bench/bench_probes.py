@@ -1,0 +1,116 @@
+"""Model-free probe speed: run_probes on a serving-like allocator state, per pool size.
+
+The state is built through the reference allocator's own calls: requests of `--request`
+tokens fill three quarters of the full pool, each keeps SWA slots only for its last
+`--window` tokens (free_swa of the pages before), and every third request is freed again.
+
+Columns: kernels = device kernels and memory operations one call launches (torch profiler);
+eager = back-to-back calls (host launch cost shows where it exceeds GPU time); graph = the
+same call captured once in a CUDA graph and replayed (GPU time alone); floor = one read of
+the mapping and both free lists at the peak bandwidth.
+
+From the repository root:
+    python -m bench.bench_probes                 # CUDA, pools of 64K, 256K, 1M, 4M tokens
+    python -m bench.bench_probes --smoke         # CPU, small pools, eager only
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from allocator import SWATokenToKVPoolAllocator
+from bench.bench_divergence import H100_SXM_PEAK_BYTES_PER_S, eager_us, graph_us
+from canary.probes import AllocatorView, run_probes
+
+
+def build_allocator(size: int, page_size: int, request: int, window: int, device: torch.device) -> SWATokenToKVPoolAllocator:
+    allocator = SWATokenToKVPoolAllocator(size, size // 2, page_size, torch.float16, device)
+    requests = []
+    while allocator.full_available_size() > size // 4:
+        tokens = allocate(allocator, request)
+        if tokens is None:
+            break
+        evicted = (request - window) // page_size * page_size
+        if evicted > 0:
+            allocator.free_swa(tokens[:evicted])
+        requests.append(tokens)
+    for tokens in requests[::3]:
+        allocator.free(tokens)
+    return allocator
+
+
+def allocate(allocator: SWATokenToKVPoolAllocator, count: int) -> torch.Tensor | None:
+    if allocator.page_size == 1:
+        return allocator.alloc(count)
+    device, cpu = allocator.device, torch.device("cpu")
+    lengths = {"prefix": [0], "seq": [count]}
+    return allocator.alloc_extend(
+        torch.tensor(lengths["prefix"], device=device),
+        torch.tensor(lengths["prefix"], device=cpu),
+        torch.tensor(lengths["seq"], device=device),
+        torch.tensor(lengths["seq"], device=cpu),
+        torch.tensor([-1], device=device),
+        count,
+    )
+
+
+def count_kernels(call, device: torch.device) -> int:
+    """Device kernels, memsets and copies one call launches."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize(device)
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def floor_us(view: AllocatorView, peak_bytes_per_s: float) -> float:
+    read_once = (view.mapping.numel() + view.full_free.numel() + view.swa_free.numel()) * 8
+    return read_once / peak_bytes_per_s * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="CPU, small pools, eager only")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20, 1 << 22])
+    parser.add_argument("--page-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--request", type=int, default=4096, help="tokens per request")
+    parser.add_argument("--window", type=int, default=1024, help="tokens that keep an SWA slot")
+    parser.add_argument("--peak-bandwidth", type=float, default=H100_SXM_PEAK_BYTES_PER_S)
+    parser.add_argument("--iters", type=int, default=50, help="calls per timed round")
+    parser.add_argument("--warmup", type=int, default=5)
+    args = parser.parse_args()
+
+    if args.smoke:
+        device, sizes, request, window, iters, warmup = torch.device("cpu"), [1 << 12, 1 << 14], 256, 64, 3, 1
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA device; use --smoke on CPU")
+        device, sizes, request, window = torch.device("cuda"), args.sizes, args.request, args.window
+        iters, warmup = args.iters, args.warmup
+    on_gpu = device.type == "cuda"
+
+    print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, SWA pool = half the full pool, "
+          f"requests of {request} tokens keeping {window} in the window, peak {args.peak_bandwidth:.3g} B/s")
+    print()
+    print("| pool tokens | page size | free full / SWA units | violations | kernels | eager µs | graph µs | floor µs |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size in sizes:
+        for page_size in args.page_sizes:
+            allocator = build_allocator(size, page_size, request, window, device)
+            view = AllocatorView.of(allocator)
+            call = lambda: run_probes(view)
+            found = len(call().read())
+            eager = eager_us(call, device, iters, warmup)
+            graph = f"{graph_us(call, device, iters, warmup):.1f}" if on_gpu else "-"
+            kernels = count_kernels(call, device) if on_gpu else "-"
+            print(f"| {size} | {page_size} | {view.full_free.numel()} / {view.swa_free.numel()} | {found} "
+                  f"| {kernels} | {eager:.1f} | {graph} | {floor_us(view, args.peak_bandwidth):.1f} |")
+            del allocator, view
+            if on_gpu:
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -81,6 +81,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.handles[self.next_handle] = holding
         return self.next_handle
 
+    @property
+    def can_backup(self) -> bool:
+        """backup_state/restore_state are optional: sglang 0.5.23 has neither."""
+        return self.allocator is not None and hasattr(self.allocator, "backup_state")
+
     def live_tokens(self) -> set[int]:
         raise NotImplementedError
 
@@ -119,7 +124,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.model.group_end()
         self.expectation = Expectation("free_group_end")
 
-    @precondition(lambda self: self.allocator is not None and not self.model.in_group)
+    @precondition(lambda self: self.can_backup and not self.model.in_group)
     @rule(target=backups)
     def backup_state(self) -> int:
         self.next_handle += 1
@@ -128,7 +133,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.expectation = Expectation("backup_state")
         return self.next_handle
 
-    @precondition(lambda self: self.allocator is not None and not self.model.in_group)
+    @precondition(lambda self: self.can_backup and not self.model.in_group)
     @rule(backup=backups)
     def restore_state(self, backup: int) -> None:
         if backup not in self.saved:

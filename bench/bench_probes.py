@@ -65,6 +65,14 @@ def count_kernels(call, device: torch.device) -> int:
     return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def top_kernels(call, device: torch.device, rows: int = 8) -> str:
+    """The kernels with the most device time in one call, as a profiler table."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize(device)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
+
+
 def floor_us(view: AllocatorView, peak_bytes_per_s: float) -> float:
     read_once = (view.mapping.numel() + view.full_free.numel() + view.swa_free.numel()) * 8
     return read_once / peak_bytes_per_s * 1e6
@@ -80,6 +88,7 @@ def main() -> None:
     parser.add_argument("--peak-bandwidth", type=float, default=H100_SXM_PEAK_BYTES_PER_S)
     parser.add_argument("--iters", type=int, default=50, help="calls per timed round")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="also list the costliest kernels of each call")
     args = parser.parse_args()
 
     if args.smoke:
@@ -96,6 +105,7 @@ def main() -> None:
     print()
     print("| pool tokens | page size | free full / SWA units | violations | kernels | eager µs | graph µs | floor µs |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    profiles = []
     for size in sizes:
         for page_size in args.page_sizes:
             allocator = build_allocator(size, page_size, request, window, device)
@@ -107,9 +117,14 @@ def main() -> None:
             kernels = count_kernels(call, device) if on_gpu else "-"
             print(f"| {size} | {page_size} | {view.full_free.numel()} / {view.swa_free.numel()} | {found} "
                   f"| {kernels} | {eager:.1f} | {graph} | {floor_us(view, args.peak_bandwidth):.1f} |")
+            if args.profile and on_gpu:
+                profiles.append(f"pool {size}, page size {page_size}:\n{top_kernels(call, device)}")
             del allocator, view
             if on_gpu:
                 torch.cuda.empty_cache()
+    for table in profiles:
+        print()
+        print(table)
 
 
 if __name__ == "__main__":

@@ -303,19 +303,30 @@ class _State:
 
     @cached_property
     def peer_bins(self) -> Tensor:
-        """Each entry's bin among the SWA slots: 0 for a negative entry, s + 1 for slot s
-        (1 for "no peer"), swa_slots + 1 for an entry past the pool."""
-        return self.pages.reshape(-1).clamp(-1, self.swa_slots) + 1
+        """int32, each entry's bin among the SWA slots: 0 for a negative entry, s + 1 for slot
+        s (1 for "no peer"), swa_slots + 1 for an entry past the pool."""
+        clamped = self.pages.reshape(-1).clamp(-1, self.swa_slots)
+        # int32 (pools stay far below 2**31 slots) halves the bytes of every later pass.
+        return torch.add(clamped, 1, out=torch.empty(clamped.shape, dtype=torch.int32, device=self.device))
+
+    @cached_property
+    def _one(self) -> Tensor:
+        return torch.ones(1, dtype=torch.int32, device=self.device)
 
     def _histogram(self, bins: Tensor, size: int) -> Tensor:
         counts = torch.zeros(size, dtype=torch.int32, device=self.device)
-        ones = torch.ones(1, dtype=torch.int32, device=self.device).expand(bins.numel())
-        return counts.index_add_(0, bins, ones)
+        return counts.index_add_(0, bins, self._one.expand(bins.numel()))
 
     @cached_property
     def peer_bin_counts(self) -> Tensor:
-        """[swa_slots + 2]: how many entries fall in each of `peer_bins`' bins."""
-        return self._histogram(self.peer_bins, self.swa_slots + 2)
+        """[swa_slots + 2]: how many entries fall in each of `peer_bins`' bins (bin 1, "no
+        peer", stays 0)."""
+        # Most entries are 0: counting them all in bin 1 would serialise millions of atomic
+        # adds on one counter, so each gets a bin of its own past the real ones instead.
+        entries = self.peer_bins.numel()
+        own_bins = torch.arange(self.swa_slots + 2, self.swa_slots + 2 + entries, dtype=torch.int32, device=self.device)
+        bins = torch.where(self.holds.reshape(-1), self.peer_bins, own_bins)
+        return self._histogram(bins, self.swa_slots + 2 + entries)[: self.swa_slots + 2]
 
     @cached_property
     def swa_unit_refs(self) -> Tensor:
@@ -349,11 +360,12 @@ class _State:
         table = torch.zeros(self.swa_slots + 2, dtype=torch.uint8, device=self.device)
         unit_free = self.swa_free_counts[1 : self.swa_units + 2] > 0
         table[1 : self.swa_slots + 1].view(self.swa_units + 1, self.ps).copy_(unit_free[:, None])
-        table[1] = 0  # slot 0 is "no peer"
-        table[0] = 1
-        table[-1] = 1
+        # Slices and fill_, not table[i] = value, which would copy a host scalar on CUDA.
+        table[1:2].fill_(0)  # slot 0 is "no peer"
+        table[:1].fill_(1)
+        table[-1:].fill_(1)
         if self.ps > 1:
-            table[2 : self.ps + 1] |= 2
+            table[2 : self.ps + 1].bitwise_or_(2)
         return table.index_select(0, self.peer_bins)
 
 
@@ -389,7 +401,8 @@ def _probe_nodup(state: _State) -> _Verdict:
 def _probe_conserve(state: _State) -> _Verdict:
     view, ps = state.view, state.ps
     full_free, swa_free = view.full_free.numel(), view.swa_free.numel()
-    in_use = torch.stack((state.holds[1:].any(1).sum(), (state.swa_unit_refs > 0).sum()))
+    held_units = state.holds[1:] if state.ps == 1 else state.holds[1:].any(1)
+    in_use = torch.stack((held_units.sum(), (state.swa_unit_refs > 0).sum()))
     room = _constant((state.full_units - full_free, state.swa_units - swa_free), state.device)
     # Item: the excess in_use - room, tagged 0 (full) or 1 (SWA).
     codes = in_use + _constant((_encode(0, -state.full_units + full_free), _encode(1, -state.swa_units + swa_free)), state.device)
@@ -549,9 +562,15 @@ def run_probes(view: AllocatorView, names: Iterable[str] | None = None, max_indi
     state = _State(view)
     verdicts = {name: _PROBES[name].run(state) for name in selected}
     rows = _collect_runs({name: verdict.runs for name, verdict in verdicts.items()}, max_indices, state.device)
+    quiet = None
     for name, verdict in verdicts.items():
-        if name not in rows:
+        if name in rows:
+            continue
+        if verdict.findings or verdict.amounts:
             rows[name] = _collect_amounts(verdict.findings, verdict.amounts, max_indices, state.device)
+        else:
+            quiet = _collect_amounts([], [], max_indices, state.device) if quiet is None else quiet
+            rows[name] = quiet
     if not selected:
         return ProbeResults((), torch.empty((0, max_indices + 1), dtype=torch.int64, device=state.device))
     return ProbeResults(selected, torch.stack([rows[name] for name in selected]))
@@ -597,12 +616,12 @@ def _collect_runs(runs_by_probe: dict[str, list[_Flags]], max_indices: int, devi
     # ranks_before[i]: flagged items before probe i's runs; the last entry counts them all.
     ranks_before = torch.cat([zero] + [ranks[start - 1 : start] for start in bounds[1:]] + [ranks[-1:]])
     counts = ranks_before[1:] - ranks_before[:-1]
-    wanted = ranks_before[:-1, None] + torch.arange(1, max_indices + 1, dtype=torch.int32, device=device)
-    positions = torch.searchsorted(ranks, wanted)
+    steps = torch.arange(1, max_indices + 1, dtype=torch.int32, device=device)
+    positions = torch.searchsorted(ranks, ranks_before[:-1, None] + steps)
     # run_of is 1 + the index of the run holding each position; offsets are padded to match.
     run_of = torch.searchsorted(_constant(tuple(run_starts), device), positions, right=True)
     codes = positions + torch.take(_constant((0, *run_offsets), device), run_of)
-    shown = torch.arange(max_indices, device=device) < counts[:, None]
+    shown = steps <= counts[:, None]
     block = torch.cat((counts[:, None].long(), torch.where(shown, codes, -1)), dim=1)
     return dict(zip(probes, block))
 
@@ -617,16 +636,18 @@ def _collect_amounts(
     """
     row = torch.full((max_indices + 2,), -1, dtype=torch.int64, device=device)
     for column, finding in enumerate(findings[:max_indices], start=1):
-        row[column] = _encode(finding.tag, finding.item)
+        row[column : column + 1].fill_(_encode(finding.tag, finding.item))
     if not amounts:
-        row[0] = len(findings)
+        row[:1].fill_(len(findings))
         return row[:-1]
-    flags = torch.cat([amount.flags for amount in amounts])
-    codes = torch.cat([amount.codes for amount in amounts])
-    rank = flags.cumsum(0) + len(findings)
+    flags = torch.cat([amount.flags for amount in amounts]) if len(amounts) > 1 else amounts[0].flags
+    codes = torch.cat([amount.codes for amount in amounts]) if len(amounts) > 1 else amounts[0].codes
+    rank = flags.cumsum(0)
+    if findings:
+        rank = rank + len(findings)
     spare = max_indices + 1
     row.scatter_(0, torch.where(flags, rank, spare).clamp_(max=spare), codes)
-    row[0:1] = rank[-1:]
+    row[:1].copy_(rank[-1:])
     return row[:-1]
 
 

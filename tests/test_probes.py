@@ -356,6 +356,9 @@ class NoHostSync(TorchFunctionMode):
             raise AssertionError(f"host synchronisation: {func.__name__}")
         if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and _has_mask(args[1]):
             raise AssertionError("host synchronisation: boolean-mask indexing")
+        if func is torch.Tensor.__setitem__ and not isinstance(args[2], torch.Tensor):
+            # On CUDA, tensor[i] = number copies the number from the host and synchronises.
+            raise AssertionError("host synchronisation: a Python number assigned through indexing")
         if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave) and "output_size" not in (kwargs or {}):
             raise AssertionError("host synchronisation: repeat_interleave without output_size")
         return func(*args, **(kwargs or {}))
@@ -368,7 +371,10 @@ def _has_mask(index: object) -> bool:
 
 def test_the_sync_guard_catches_reads_back() -> None:
     values = torch.arange(4)
-    for read_back in (lambda: values[1].item(), lambda: bool(values.sum()), lambda: values[values > 1]):
+    def assign() -> None:
+        values[0] = 7
+
+    for read_back in (lambda: values[1].item(), lambda: bool(values.sum()), lambda: values[values > 1], assign):
         with pytest.raises(AssertionError, match="host synchronisation"), NoHostSync():
             read_back()
 

@@ -402,10 +402,14 @@ def _probe_conserve(state: _State) -> _Verdict:
     view, ps = state.view, state.ps
     full_free, swa_free = view.full_free.numel(), view.swa_free.numel()
     held_units = state.holds[1:] if state.ps == 1 else state.holds[1:].any(1)
-    in_use = torch.stack((held_units.sum(), (state.swa_unit_refs > 0).sum()))
-    room = _constant((state.full_units - full_free, state.swa_units - swa_free), state.device)
-    # Item: the excess in_use - room, tagged 0 (full) or 1 (SWA).
-    codes = in_use + _constant((_encode(0, -state.full_units + full_free), _encode(1, -state.swa_units + swa_free)), state.device)
+    amounts = []
+    for tag, in_use, free, units in (
+        (0, held_units.sum(), full_free, state.full_units),
+        (1, (state.swa_unit_refs > 0).sum(), swa_free, state.swa_units),
+    ):
+        # Item: the excess in_use + free - units. Python scalars keep the layout constants fixed.
+        in_use = in_use.reshape(1)
+        amounts.append(_Amounts(in_use > units - free, in_use + _encode(tag, free - units)))
     findings = [
         _Finding(tag, abs(amount))
         for tag, amount, wrong in (
@@ -416,7 +420,7 @@ def _probe_conserve(state: _State) -> _Verdict:
         )
         if wrong
     ]
-    return _Verdict(findings=findings, amounts=[_Amounts(in_use > room, codes)])
+    return _Verdict(findings=findings, amounts=amounts)
 
 
 def _probe_swa_le_full(state: _State) -> _Verdict:

@@ -170,7 +170,8 @@ class AllocatorView:
     @classmethod
     def of(cls, allocator: object) -> "AllocatorView":
         """Read a SPEC §1 allocator, or an sglang-like one (free lists as free_pages +
-        release_pages, free groups flagged by `is_not_in_free_group`)."""
+        release_pages, a free group open while `free_group` is a list, or, in older releases,
+        while `is_not_in_free_group` is False)."""
         try:
             full_pool, swa_pool = allocator.full_attn_allocator, allocator.swa_attn_allocator
             return cls(
@@ -201,8 +202,12 @@ def _in_free_group(allocator: object, pools: Iterable[object]) -> bool:
     flag = getattr(allocator, "in_free_group", None)
     if flag is not None:
         return bool(flag() if callable(flag) else flag)
-    # sglang keeps `is_not_in_free_group` on whichever object opened the group.
-    return any(getattr(owner, "is_not_in_free_group", True) is False for owner in (allocator, *pools))
+    # sglang keeps its group state on whichever object opened the group: a `free_group` list
+    # (None outside a group; 0.5.23), or `is_not_in_free_group` (older releases).
+    owners = (allocator, *pools)
+    return any(getattr(owner, "free_group", None) is not None for owner in owners) or any(
+        getattr(owner, "is_not_in_free_group", True) is False for owner in owners
+    )
 
 
 def _as_int(value: object) -> int:

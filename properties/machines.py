@@ -21,10 +21,23 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 from canary.probes import InvariantViolation
 from properties.checks import Expectation, Observed, check_step, observe
 from properties.driver import AllocatorDriver
-from properties.model import Request, SWAModel
-from properties.targets import AllocatorConfig, Factory, reference_factory, resolve_target
+from properties.model import Request, SWAModel, ceil_div
+from properties.targets import (
+    SPEC_CONTRACT,
+    AllocatorConfig,
+    Factory,
+    Target,
+    TargetContract,
+    as_target,
+    reference_factory,
+)
 
 REQUEST_PAGE_SIZES = (1, 2, 4, 16, 64)
+
+# How a request (or a holding) ends: free of every token; free_swa of the tokens that still
+# hold SWA peers, then free_full of every token; free_full of the tokens whose peers the
+# window already released, then free of the rest (sglang's scheduler).
+ENDINGS = ("free", "free_swa_then_full", "free_full_then_free")
 
 
 @dataclass
@@ -39,6 +52,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     """Rules shared by every machine: free groups, backup/restore, clear, and the step check."""
 
     factory: Factory = staticmethod(reference_factory)
+    contract: TargetContract = SPEC_CONTRACT
+    """The calls this target accepts (properties/targets.py); rules leave out what it restricts."""
     device: str = "cpu"
     stats = None  # a properties.check.Stats shared by one check's machines, or None
     backups = Bundle("backups")
@@ -76,6 +91,20 @@ class AllocatorMachine(RuleBasedStateMachine):
         getattr(self.model, method)(tokens)
         self.expectation = Expectation(method)
 
+    def end_tokens(self, tokens: list[int], released: int, ending: str) -> None:
+        """Release every slot of a request or holding whose first `released` tokens no longer
+        hold SWA peers, the way `ending` (one of ENDINGS) says."""
+        if ending == "free" and released and self.model.page_size == 1 and self.contract.free_held_swa_peers_only_at_ps1:
+            ending = "free_full_then_free"
+        if ending == "free":
+            self.release("free", tokens)
+        elif ending == "free_swa_then_full":
+            self.release("free_swa", tokens[released:])
+            self.release("free_full", tokens)
+        else:
+            self.release("free_full", tokens[:released])
+            self.release("free", tokens[released:])
+
     def new_handle(self, holding: object) -> int:
         self.next_handle += 1
         self.handles[self.next_handle] = holding
@@ -84,7 +113,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     @property
     def can_backup(self) -> bool:
         """backup_state/restore_state are optional: sglang 0.5.23 has neither."""
-        return self.allocator is not None and hasattr(self.allocator, "backup_state")
+        return self.allocator is not None and not self.contract.no_backup_restore and hasattr(self.allocator, "backup_state")
 
     def live_tokens(self) -> set[int]:
         raise NotImplementedError
@@ -171,11 +200,12 @@ class SlotMachine(AllocatorMachine):
         slots = self.allocate("alloc", (need,), self.model.alloc(need), live_before)
         return multiple() if slots is None else self.new_handle(Holding(slots))
 
-    @rule(handle=holdings)
-    def free(self, handle: int) -> None:
+    @rule(handle=holdings, ending=st.sampled_from(ENDINGS))
+    def finish(self, handle: int, ending: str) -> None:
+        """Release the whole holding (ENDINGS says how)."""
         holding = self.handles.pop(handle, None)
         if holding is not None:
-            self.release("free", holding.tokens)
+            self.end_tokens(holding.tokens, holding.swa_released, ending)
 
     @rule(handle=holdings, count=st.integers(1, 10))
     def free_swa(self, handle: int, count: int) -> None:
@@ -185,15 +215,6 @@ class SlotMachine(AllocatorMachine):
         span = holding.tokens[holding.swa_released : holding.swa_released + count]
         self.release("free_swa", span)
         holding.swa_released += len(span)
-
-    @rule(handle=holdings)
-    def free_swa_then_full(self, handle: int) -> None:
-        """How a request ends: its remaining SWA peers, then every full slot."""
-        holding = self.handles.pop(handle, None)
-        if holding is None:
-            return
-        self.release("free_swa", holding.tokens[holding.swa_released :])
-        self.release("free_full", holding.tokens)
 
 
 def request_machine(page_size: int) -> type[AllocatorMachine]:
@@ -271,6 +292,10 @@ def request_machine(page_size: int) -> type[AllocatorMachine]:
             live_before = self.live_tokens()
             seq = [r.seq_len + 1 for r in live]
             last = [r.last_loc for r in live]
+            new_pages = sum(1 for length in seq if (length - 1) % ps == 0)
+            if self.contract.decode_capacity_prechecked and new_pages * ps > self.model.available():
+                event("decode left out: the capacity pre-check fails")
+                return
             slots = self.allocate("alloc_decode", (seq, seq, last), self.model.alloc_decode(seq, last), live_before)
             for request, slot in zip(live, slots or ()):
                 request.tokens.append(slot)
@@ -288,17 +313,12 @@ def request_machine(page_size: int) -> type[AllocatorMachine]:
             self.release("free_swa", request.tokens[request.evict_floor : boundary])
             request.evict_floor = boundary
 
-        @rule(pick=requests, free_swa_first=st.booleans())
-        def finish(self, pick: int, free_swa_first: bool) -> None:
-            """A request ends: `free`, or `free_swa` of its live tokens then `free_full`."""
+        @rule(pick=requests, ending=st.sampled_from(ENDINGS))
+        def finish(self, pick: int, ending: str) -> None:
+            """A request ends (ENDINGS says how)."""
             request = self.handles.pop(pick, None)
-            if request is None or not request.tokens:
-                return
-            if free_swa_first:
-                self.release("free_swa", request.tokens[request.evict_floor :])
-                self.release("free_full", request.tokens)
-            else:
-                self.release("free", request.tokens)
+            if request is not None and request.tokens:
+                self.end_tokens(request.tokens, request.evict_floor, ending)
 
         if paged:
 
@@ -317,8 +337,20 @@ def request_machine(page_size: int) -> type[AllocatorMachine]:
                     self._extend_tail(request, length, slack)
 
             def _extend_tail(self, request: Request, length: int, slack: int) -> bool:
-                tail = min(length, min(self.window, length) + slack)
+                """Extend by `length` tokens with SWA slots for the window and `slack` more; a
+                contract that wants the tail page aligned gets its start floored to a page (or
+                moved up to the first page boundary past the prefix). False: no call, or it failed."""
                 prefix, seq, last = request.seq_len, request.seq_len + length, request.last_loc
+                in_window = min(self.window, length)
+                tail = min(length, in_window + slack)
+                if self.contract.swa_tail_page_aligned:
+                    start = (seq - tail) // ps * ps
+                    if start < prefix:
+                        start = ceil_div(prefix, ps) * ps
+                    if start > seq - in_window:
+                        event("tail-only extend left out: no page boundary lets the tail cover the window")
+                        return False
+                    tail = seq - start
                 live_before = self.live_tokens()
                 expected = self.model.alloc_extend_swa_tail(prefix, seq, last, tail)
                 args = ([prefix], [prefix], [seq], [seq], [last], length, tail)
@@ -338,10 +370,13 @@ MACHINES: dict[str, type[AllocatorMachine]] = {"SlotMachine": SlotMachine}
 MACHINES.update({f"RequestMachinePS{ps}": request_machine(ps) for ps in REQUEST_PAGE_SIZES})
 
 
-def machine_classes(target: str | Factory = "reference", device: str = "cpu") -> dict[str, type[AllocatorMachine]]:
-    """Every machine, bound to one target (a spec or a factory) and device."""
-    factory = target if callable(target) else resolve_target(target)
+def machine_classes(
+    target: str | Factory | Target = "reference", device: str = "cpu"
+) -> dict[str, type[AllocatorMachine]]:
+    """Every machine, bound to one target (a spec, a factory or a Target, with its contract)
+    and device."""
+    bound = as_target(target)
     return {
-        name: type(name, (machine,), {"factory": staticmethod(factory), "device": device})
+        name: type(name, (machine,), {"factory": staticmethod(bound.factory), "contract": bound.contract, "device": device})
         for name, machine in MACHINES.items()
     }

@@ -1,10 +1,18 @@
-"""Which allocator the machines drive: the reference, sglang's, or any `module:factory`.
+"""Which allocator the machines drive, and the calls that allocator accepts.
 
-A factory takes an `AllocatorConfig` and returns an object with the SPEC §1 interface.
+A target is a factory plus a `TargetContract`. The factory takes an `AllocatorConfig` and
+returns an object with the SPEC §1 interface. The contract names the SPEC §1 call patterns the
+target does not promise to handle and that its serving engine never makes; the machines leave
+exactly those out, so every violation they report is one an engine can reach. The reference
+allocator takes the whole SPEC (no restriction).
+
+Built in: 'reference', 'sglang'. Any other `package.module:factory` is a target too; its
+contract is the factory's `contract` attribute if it has one, else the whole SPEC.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,6 +39,69 @@ class AllocatorConfig:
 Factory = Callable[[AllocatorConfig], Any]
 
 
+@dataclass(frozen=True)
+class TargetContract:
+    """Call patterns of SPEC §1 that the machines leave out for a target. Every flag is a
+    restriction (set: the pattern is never called), so two contracts combine by setting each
+    flag either one sets (`stricter`)."""
+
+    no_backup_restore: bool = False
+    """backup_state / restore_state are never called."""
+    free_held_swa_peers_only_at_ps1: bool = False
+    """At page size 1, free and free_swa name only tokens whose SWA peer is still held. A
+    request whose window already released some SWA peers ends with free_swa(live tokens) then
+    free_full(all tokens), or free_full(released part) then free(live part), never free(all)."""
+    decode_capacity_prechecked: bool = False
+    """alloc_decode is called only when available_size() covers one page for each request that
+    starts a new page: a decode that would fail is never made (the engine retracts requests
+    until the batch fits, then decodes)."""
+    swa_tail_page_aligned: bool = False
+    """alloc_extend_swa_tail is called only with the SWA tail starting on a page boundary at or
+    after the prefix end ((seq - swa_tail_len) % page_size == 0 and >= prefix), and a tail of
+    at least one token: the page-floored window start of a disaggregated decode admission."""
+    free_group_calls_paired: bool = False
+    """free_group_begin is never nested and free_group_end never comes without a begin, so the
+    error SPEC asks for on those calls is not checked."""
+
+    def stricter(self, other: "TargetContract") -> "TargetContract":
+        """The contract that restricts everything either of the two restricts."""
+        return TargetContract(
+            **{flag.name: getattr(self, flag.name) or getattr(other, flag.name) for flag in dataclasses.fields(self)}
+        )
+
+    def restrictions(self) -> list[str]:
+        """The names of the flags that are set."""
+        return [flag.name for flag in dataclasses.fields(self) if getattr(self, flag.name)]
+
+
+SPEC_CONTRACT = TargetContract()
+
+SGLANG_CONTRACT = TargetContract(
+    # sglang 0.5.23 has no backup_state / restore_state.
+    no_backup_restore=True,
+    # Its page-size-1 free_swa does not skip tokens whose peer is gone (it releases SWA slot 0);
+    # its scheduler frees a finished request as free_full of the window-released part and
+    # free of the rest (free_kv_row_segments), so free never meets a released peer.
+    free_held_swa_peers_only_at_ps1=True,
+    # Its alloc_decode checks neither pool before taking pages; the scheduler's
+    # check_decode_capacity (available_size() >= pages needed x page_size) runs before
+    # every decode and retracts requests until it passes.
+    decode_capacity_prechecked=True,
+    # Its only caller (disaggregated decode admission) asks for the tail from the
+    # page-floored window start, at or after the page-aligned cached prefix.
+    swa_tail_page_aligned=True,
+    # Its free_group_end without a begin is a silent no-op; the engine pairs every group.
+    free_group_calls_paired=True,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    factory: Factory
+    contract: TargetContract = SPEC_CONTRACT
+
+
 def reference_factory(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
     """The built-in reference allocator, in checked mode."""
     return SWATokenToKVPoolAllocator(
@@ -53,10 +124,13 @@ def sglang_factory(config: AllocatorConfig) -> Any:
     )
 
 
-BUILTIN_TARGETS: dict[str, Factory] = {"reference": reference_factory, "sglang": sglang_factory}
+BUILTIN_TARGETS: dict[str, Target] = {
+    "reference": Target("reference", reference_factory, SPEC_CONTRACT),
+    "sglang": Target("sglang", sglang_factory, SGLANG_CONTRACT),
+}
 
 
-def resolve_target(spec: str) -> Factory:
+def resolve_target(spec: str) -> Target:
     """'reference', 'sglang', or 'package.module:factory'."""
     if spec in BUILTIN_TARGETS:
         return BUILTIN_TARGETS[spec]
@@ -70,4 +144,17 @@ def resolve_target(spec: str) -> Factory:
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise TargetError(f"{module_name!r} has no callable {attribute!r}")
-    return factory
+    return as_target(factory, spec)
+
+
+def as_target(target: "str | Factory | Target", name: str | None = None) -> Target:
+    """A Target from a spec, a bare factory (its `contract` attribute, else the whole SPEC),
+    or a Target."""
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, str):
+        return resolve_target(target)
+    contract = getattr(target, "contract", SPEC_CONTRACT)
+    if not isinstance(contract, TargetContract):
+        raise TargetError(f"the contract of factory {target!r} is a {type(contract).__name__}, not a TargetContract")
+    return Target(name or getattr(target, "__name__", repr(target)), target, contract)

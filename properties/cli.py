@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
+from pathlib import Path
 
 import torch
 
+from canary.divergence import DivergenceInputError
+from canary.probes import ProbeInputError
+from canary.snapshot import Snapshot, SnapshotError, replay
+from canary.sweep import SweepInputError
 from properties.check import print_progress, run_check
+from properties.simulate import INJECTIONS, SimulationConfig, SimulationConfigError, simulate
 from properties.targets import TargetError, resolve_target
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
@@ -54,6 +61,58 @@ def command_check(args: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
+def command_simulate(args: argparse.Namespace) -> int:
+    config = SimulationConfig(
+        steps=args.steps,
+        page_size=args.page_size,
+        size=args.size,
+        size_swa=args.size_swa,
+        window=args.window,
+        device=args.device,
+        every=args.every,
+        inject=args.inject,
+        seed=random.randrange(2**32) if args.seed is None else args.seed,
+    )
+    try:
+        report = simulate(config)
+    except SimulationConfigError as error:
+        print(f"swa-canary: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(report.summary()))
+    return EXIT_CLEAN if report.passed else EXIT_FOUND
+
+
+def command_replay(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.is_dir():
+        print(f"swa-canary: {path} is a directory; replay takes a snapshot file written by the canary", file=sys.stderr)
+        return EXIT_USAGE
+    return replay_snapshot(path)
+
+
+def replay_snapshot(path: Path) -> int:
+    """Re-run the canary's check on a snapshot; exit 1 if it finds a violation."""
+    try:
+        snapshot = Snapshot.load(path)
+        result = replay(snapshot)
+    except (SnapshotError, ProbeInputError, DivergenceInputError, SweepInputError) as error:
+        print(f"swa-canary: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    view = snapshot.view
+    print(
+        f"snapshot of monitor {snapshot.monitor!r} at step {snapshot.step}: size {view.size_full} / SWA {view.size_swa}, "
+        f"page size {view.page_size}, {'no batch' if snapshot.batch is None else f'{snapshot.batch.size} requests'}"
+    )
+    if result.divergence is not None:
+        print("divergence totals: " + ", ".join(f"{kind} {count}" for kind, count in result.divergence.items()))
+    for source, violation in result.sourced():
+        print(f"[{source}] {violation.explain()}")
+    if not result.violations:
+        print("no violation")
+        return EXIT_CLEAN
+    return EXIT_FOUND
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swa-canary", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -63,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=None, help="master seed, to repeat a check exactly")
     check.add_argument("--json", default=None, help="also write the report as JSON to this path")
     check.set_defaults(handler=command_check)
+
+    defaults = SimulationConfig()
+    sim = commands.add_parser("simulate", help="a serving-like scheduler loop with the runtime canary attached")
+    sim.add_argument("--steps", type=int, default=1000, help="scheduler steps (default 1000)")
+    sim.add_argument("--page-size", type=int, default=defaults.page_size)
+    sim.add_argument("--size", type=int, default=defaults.size, help="full-attention token slots")
+    sim.add_argument("--size-swa", type=int, default=defaults.size_swa, help="sliding-window token slots")
+    sim.add_argument("--window", type=int, default=defaults.window, help="sliding window in tokens")
+    sim.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    sim.add_argument("--every", type=int, default=defaults.every, help="canary check every N steps")
+    sim.add_argument("--inject", default=None, choices=sorted(INJECTIONS), help="corrupt the allocator once, at a random step")
+    sim.add_argument("--seed", type=int, default=None, help="seed, to repeat a run exactly")
+    sim.set_defaults(handler=command_simulate)
+
+    replay_command = commands.add_parser("replay", help="re-run the canary's check on a snapshot it wrote")
+    replay_command.add_argument("path", help="a snapshot file (swa-canary-*.pt)")
+    replay_command.set_defaults(handler=command_replay)
     return parser
 
 

@@ -1,0 +1,164 @@
+"""Snapshots of a checked allocator state, and their offline replay.
+
+A snapshot holds everything one check read: the mapping, both free lists, the sizes and the
+page size, the free-group flag, the detector's window and page size, and the batch (only the
+req_to_token rows of its requests, not the whole table). `Snapshot.capture` copies these on
+the device without a host synchronisation, so a monitor can keep the exact state it checked
+until the check is read back; `save` moves them to the host (a synchronisation, paid only when
+a violation is found) and writes them with torch.save; `load` reads them on the CPU with
+weights_only=True; `replay` runs the same check again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from canary.probes import AllocatorView, ProbeInputError
+from canary.sweep import Batch, SweepResult, sweep
+
+SNAPSHOT_FORMAT = "swa-canary-snapshot"
+SNAPSHOT_VERSION = 1
+
+_VIEW_TENSORS = ("mapping", "full_free", "swa_free")
+_VIEW_INTS = ("page_size", "size_full", "size_swa", "full_available", "swa_available", "available")
+
+
+class SnapshotError(ValueError):
+    """A file that is not a readable canary snapshot."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    view: AllocatorView
+    batch: Batch | None
+    """The batch with req_to_token cut down to its requests' rows, in batch order;
+    req_pool_indices keeps the original row numbers."""
+    table_rows: int
+    """Rows of the original req_to_token: a pool index outside them scanned nothing."""
+    window: int | None
+    page_size: int
+    """The page size of the detector's evict boundary."""
+    step: int
+    monitor: str
+
+    @classmethod
+    def capture(
+        cls, view: AllocatorView, batch: Batch | None, *, window: int | None, page_size: int, step: int, monitor: str
+    ) -> "Snapshot":
+        """Device copies of what a check reads, taken without a host synchronisation."""
+        copied = replace(view, **{name: getattr(view, name).clone() for name in _VIEW_TENSORS})
+        if batch is None:
+            return cls(copied, None, 0, window, page_size, step, monitor)
+        table = batch.req_to_token
+        if table.shape[0] == 0:
+            rows = table.new_zeros((batch.size, table.shape[1]))
+        else:
+            rows = table.index_select(0, torch.where(_valid_rows(batch.req_pool_indices, table.shape[0]), batch.req_pool_indices, 0))
+        floors = None if batch.evict_floors is None else batch.evict_floors.clone()
+        cut = Batch(rows, batch.req_pool_indices.clone(), batch.seq_lens.clone(), floors)
+        return cls(copied, cut, table.shape[0], window, page_size, step, monitor)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the snapshot (moving its tensors to the host first)."""
+        path = Path(path)
+        view = {name: getattr(self.view, name) for name in (*_VIEW_TENSORS, *_VIEW_INTS, "in_free_group")}
+        body: dict[str, Any] = {
+            "format": SNAPSHOT_FORMAT,
+            "version": SNAPSHOT_VERSION,
+            "monitor": self.monitor,
+            "step": self.step,
+            "window": self.window,
+            "page_size": self.page_size,
+            "allocator": {key: _to_host(value) for key, value in view.items()},
+            "batch": None,
+        }
+        if self.batch is not None:
+            body["batch"] = {key: _to_host(value) for key, value in asdict(self.batch).items()}
+            body["batch"]["table_rows"] = self.table_rows
+        torch.save(body, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Snapshot":
+        """Read a snapshot on the CPU; SnapshotError names what is wrong with a bad file."""
+        try:
+            body = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise SnapshotError(f"no snapshot file {os.fspath(path)!r}") from None
+        except Exception as error:  # torch.load raises many kinds on a file it cannot unpickle
+            raise SnapshotError(f"{os.fspath(path)!r} is not a canary snapshot: {type(error).__name__}: {error}") from None
+        return cls._from_body(body, os.fspath(path))
+
+    @classmethod
+    def _from_body(cls, body: object, where: str) -> "Snapshot":
+        body = _mapping_with(body, {"format", "version", "monitor", "step", "window", "page_size", "allocator", "batch"}, where)
+        if body["format"] != SNAPSHOT_FORMAT or body["version"] != SNAPSHOT_VERSION:
+            raise SnapshotError(f"{where}: format {body['format']!r} version {body['version']!r}, "
+                                f"expected {SNAPSHOT_FORMAT!r} version {SNAPSHOT_VERSION}")
+        for key, types in (("monitor", (str,)), ("step", (int,)), ("window", (int, type(None))), ("page_size", (int,))):
+            if isinstance(body[key], bool) or not isinstance(body[key], types):
+                raise SnapshotError(f"{where}: {key} has the wrong type: {body[key]!r}")
+        allocator = _mapping_with(body["allocator"], {*_VIEW_TENSORS, *_VIEW_INTS, "in_free_group"}, f"{where}: allocator")
+        if not isinstance(allocator["in_free_group"], bool):
+            raise SnapshotError(f"{where}: allocator.in_free_group is not a bool")
+        try:
+            view = AllocatorView(**allocator)
+        except ProbeInputError as error:
+            raise SnapshotError(f"{where}: allocator state: {error}") from None
+        if body["batch"] is None:
+            return cls(view, None, 0, body["window"], body["page_size"], body["step"], body["monitor"])
+        batch = _mapping_with(
+            body["batch"], {"req_to_token", "req_pool_indices", "seq_lens", "evict_floors", "table_rows"}, f"{where}: batch"
+        )
+        for key, ndim in (("req_to_token", 2), ("req_pool_indices", 1), ("seq_lens", 1), ("evict_floors", 1)):
+            value = batch[key]
+            if (value is not None or key != "evict_floors") and (not isinstance(value, Tensor) or value.dim() != ndim):
+                raise SnapshotError(f"{where}: batch.{key} is not a {ndim}-D tensor")
+        if batch["req_to_token"].shape[0] != batch["req_pool_indices"].shape[0]:
+            raise SnapshotError(f"{where}: batch.req_to_token must hold one row per request")
+        if isinstance(batch["table_rows"], bool) or not isinstance(batch["table_rows"], int):
+            raise SnapshotError(f"{where}: batch.table_rows is not an int")
+        cut = Batch(batch["req_to_token"], batch["req_pool_indices"], batch["seq_lens"], batch["evict_floors"])
+        return cls(view, cut, batch["table_rows"], body["window"], body["page_size"], body["step"], body["monitor"])
+
+
+def replay(snapshot: Snapshot, *, probes: Iterable[str] | None = None, max_indices: int = 8) -> SweepResult:
+    """Run the check on the snapshot again (on the snapshot's device, the CPU once loaded).
+
+    Divergence violations name the original req_to_token rows, as the monitor reported them.
+    """
+    batch = snapshot.batch
+    if batch is not None:
+        original = batch.req_pool_indices
+        positions = torch.arange(batch.size, device=original.device)
+        batch = replace(batch, req_pool_indices=torch.where(_valid_rows(original, snapshot.table_rows), positions, -1))
+    result = sweep(
+        snapshot.view, batch, snapshot.window, page_size=snapshot.page_size, probes=probes, max_indices=max_indices
+    ).read()
+    if batch is None:
+        return result
+    rows = snapshot.batch.req_pool_indices.tolist()
+    renamed = [replace(v, indices=[rows[position] for position in v.indices]) for v in result.divergence_violations]
+    return replace(result, divergence_violations=renamed)
+
+
+def _valid_rows(req_pool_indices: Tensor, table_rows: int) -> Tensor:
+    return (req_pool_indices >= 0) & (req_pool_indices < table_rows)
+
+
+def _to_host(value: object) -> object:
+    return value.cpu() if isinstance(value, Tensor) else value
+
+
+def _mapping_with(value: object, keys: set[str], where: str) -> dict:
+    if not isinstance(value, dict):
+        raise SnapshotError(f"{where} is not a dict but a {type(value).__name__}")
+    if set(value) != keys:
+        raise SnapshotError(f"{where}: keys {sorted(value)} differ from {sorted(keys)}")
+    return value

@@ -18,9 +18,10 @@ from typing import Callable, TextIO
 from hypothesis import seed as hypothesis_seed, settings
 from hypothesis.stateful import run_state_machine_as_test
 
+import properties.settings  # noqa: F401  registers our "ci" profile over Hypothesis's own
 from canary.probes import InvariantViolation
 from properties.machines import AllocatorMachine, machine_classes
-from properties.targets import Factory
+from properties.targets import Factory, Target, as_target
 
 EXAMPLES_PER_RUN = 8
 
@@ -95,7 +96,7 @@ def bind_stats(machine: type[AllocatorMachine], stats: Stats) -> type[AllocatorM
 
 
 def run_check(
-    target: str | Factory = "reference",
+    target: str | Factory | Target = "reference",
     device: str = "cpu",
     budget: float = 60.0,
     seed: int | None = None,
@@ -105,10 +106,11 @@ def run_check(
     """Run the machines round-robin until a violation or the budget; return what happened."""
     master = random.randrange(2**32) if seed is None else seed
     rng = random.Random(master)
-    classes = machine_classes(target, device)
+    bound = as_target(target)
+    classes = machine_classes(bound, device)
     names = machines or sorted(classes)
     stats = Stats()
-    report = CheckReport(target if isinstance(target, str) else getattr(target, "__name__", repr(target)), device, master, budget)
+    report = CheckReport(bound.name, device, master, budget)
     run_settings = settings(
         settings.get_profile("ci"), max_examples=EXAMPLES_PER_RUN, derandomize=False, database=None
     )

@@ -84,6 +84,19 @@ INVARIANTS: dict[str, Invariant] = {
         Invariant("PAGE", Severity.GUARD, "a full page's tokens map to one SWA page at the same offsets", True),
         Invariant("XLAT", Severity.GUARD, "translate(x) == mapping[x]", False),
         Invariant("LEAK", Severity.GUARD, "a token before the window (past the page margin) holds no SWA slot", False),
+        Invariant(
+            "CONTRACT",
+            Severity.GUARD,
+            "results, free-list order, sizes and mapping are exactly what SPEC §1 prescribes",
+            False,
+        ),
+        Invariant(
+            "DIFFERENTIAL",
+            Severity.GUARD,
+            "two allocators given the same calls return the same values and keep the same sizes, "
+            "free units and mapping",
+            False,
+        ),
     )
 }
 

@@ -33,6 +33,9 @@ class Stats:
     programs: int = 0
     steps: int = 0
     calls: Counter = field(default_factory=Counter)
+    last_program: dict | None = None
+    """Config and call log of the latest program; after a failure, the minimal one, which
+    Hypothesis replays last."""
 
 
 @dataclass
@@ -45,6 +48,10 @@ class Finding:
     program_steps: int
     seed: int
     seconds: float
+    calls: dict | None = None
+    """The minimal program as allocator calls: {"config": ..., "calls": [{"call", "args"}...]}."""
+    invariants: list[str] = field(default_factory=list)
+    """Every invariant the reported step broke, most severe first (["CRASH"] for a crash)."""
 
     def explain(self) -> str:
         return (
@@ -70,25 +77,48 @@ class CheckReport:
 
 
 def program_of(error: BaseException) -> str:
-    """The minimal program Hypothesis attached to a failure, as Python."""
-    notes = "\n".join(getattr(error, "__notes__", ()))
-    lines = [line for line in notes.splitlines() if line.startswith("state") or line.startswith("    state")]
-    lines += [line for line in notes.splitlines() if re.match(r"^\w+_\d+ = state\.", line)]
-    ordered = [line for line in notes.splitlines() if line in set(lines)]
-    return "\n".join(ordered) if ordered else notes
+    """The minimal program Hypothesis attached to a failure, as Python (`state = ...` through
+    `state.teardown()`)."""
+    lines = "\n".join(getattr(error, "__notes__", ())).splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("state = ")), None)
+    if start is None:
+        return "\n".join(lines)
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("state.teardown()")), len(lines) - 1)
+    return "\n".join(lines[start : end + 1])
+
+
+def rule_steps(program: str) -> int:
+    """Rules in a printed program: not the constructor, the per-step check or the teardown."""
+    skipped = ("state = ", "state.allocator_matches_model()", "state.teardown()", "state.setup(")
+    return sum(1 for line in program.splitlines() if "state." in line and not line.strip().startswith(skipped))
+
+
+def most_telling(error: BaseException) -> BaseException:
+    """Of the distinct failures Hypothesis may report together (an exception group), the one
+    to report: an invariant violation, FATAL first, before a crash."""
+    failures = [most_telling(part) for part in getattr(error, "exceptions", ())]
+    if not failures:
+        return error
+    violations = [failure for failure in failures if isinstance(failure, InvariantViolation)]
+    if violations:
+        return min(violations, key=lambda failure: failure.severity.value != "FATAL")
+    return failures[0]
 
 
 def finding_from(machine: str, error: BaseException, run_seed: int, seconds: float) -> Finding:
+    error = most_telling(error)
     program = program_of(error)
-    steps = sum(1 for line in program.splitlines() if "state." in line and not line.strip().startswith("state.teardown"))
+    steps = rule_steps(program)
     if isinstance(error, InvariantViolation):
         first = error.violations[0]
         invariant, severity = first.invariant, first.severity.value
         detail = "; ".join(v.explain() for v in error.violations)
+        fired = list(dict.fromkeys(v.invariant for v in error.violations))
     else:
         invariant, severity = "CRASH", "FATAL"
         detail = f"{type(error).__name__}: {error}"
-    return Finding(machine, invariant, severity, detail, program, steps, run_seed, seconds)
+        fired = [invariant]
+    return Finding(machine, invariant, severity, detail, program, steps, run_seed, seconds, invariants=fired)
 
 
 def bind_stats(machine: type[AllocatorMachine], stats: Stats) -> type[AllocatorMachine]:
@@ -123,6 +153,7 @@ def run_check(
                 run_state_machine_as_test(machine, settings=run_settings)
             except Exception as error:  # any failure of the target is a finding, not a harness crash
                 report.finding = finding_from(name, error, run_seed, time.monotonic() - started)
+                report.finding.calls = stats.last_program
             report.runs += 1
             report.programs, report.steps = stats.programs, stats.steps
             report.seconds = time.monotonic() - started

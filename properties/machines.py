@@ -75,6 +75,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.previous: Observed | None = None
         if self.stats is not None:
             self.stats.programs += 1
+            self.stats.last_program = {"config": self.model.config(), "calls": self.driver.log}
 
     # ------------------------------------------------------------ the step
     def allocate(self, method: str, args: tuple, expected: list[int] | None, live_before: set[int]) -> list[int] | None:
@@ -152,6 +153,20 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.driver.call("free_group_end")
         self.model.group_end()
         self.expectation = Expectation("free_group_end")
+
+    @precondition(lambda self: self.allocator is not None and not self.contract.free_group_calls_paired)
+    @rule()
+    def misplaced_free_group_call(self) -> None:
+        """A nested free_group_begin, or a free_group_end with no group open, must raise and
+        change nothing (a drifting group flag drops or re-releases deferred frees)."""
+        call, where = ("free_group_begin", "inside") if self.model.in_group else ("free_group_end", "outside")
+        try:
+            self.driver.call(call)
+        except Exception:  # any error will do: the SPEC names none
+            breach = ""
+        else:
+            breach = f"{call} {where} a free group did not raise"
+        self.expectation = Expectation(call, breach=breach)
 
     @precondition(lambda self: self.can_backup and not self.model.in_group)
     @rule(target=backups)
@@ -300,9 +315,11 @@ def request_machine(page_size: int) -> type[AllocatorMachine]:
             for request, slot in zip(live, slots or ()):
                 request.tokens.append(slot)
 
-        @rule(pick=requests)
-        def evict_window(self, pick: int) -> None:
-            """Release the SWA slots the sliding window has left behind (page-floored)."""
+        @rule(pick=requests, short=st.integers(0, ps - 1))
+        def evict_window(self, pick: int, short: int) -> None:
+            """Release the SWA slots the sliding window has left behind (page-floored). The span
+            may stop `short` tokens before the boundary: free_swa must round it up to the
+            whole page, as the SPEC says."""
             request = self.handles.get(pick)
             if request is None:
                 return
@@ -310,7 +327,8 @@ def request_machine(page_size: int) -> type[AllocatorMachine]:
             if boundary <= request.evict_floor:
                 return
             event("window slide freed SWA slots")
-            self.release("free_swa", request.tokens[request.evict_floor : boundary])
+            end = boundary - short if boundary - short > request.evict_floor else boundary
+            self.release("free_swa", request.tokens[request.evict_floor : end])
             request.evict_floor = boundary
 
         @rule(pick=requests, ending=st.sampled_from(ENDINGS))

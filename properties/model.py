@@ -122,6 +122,9 @@ class SWAModel:
         self.full = PoolModel(self.size // self.page_size, self.page_size, self.need_sort)
         self.swa = PoolModel(self.size_swa // self.page_size, self.page_size, self.need_sort)
 
+    def config(self) -> dict:
+        return {"size": self.size, "size_swa": self.size_swa, "page_size": self.page_size, "need_sort": self.need_sort}
+
     @property
     def mapping_len(self) -> int:
         return self.size + self.page_size + 1

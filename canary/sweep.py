@@ -142,7 +142,7 @@ def _divergence_rows(view: AllocatorView, batch: Batch, window: int, page_size: 
     kinds = len(DIVERGENCE_KINDS)
     if batch.size == 0:
         rows = torch.full((kinds, max_indices + 1), -1, dtype=torch.int64, device=device)
-        rows[:, 0] = 0
+        rows[:, 0].fill_(0)  # a kernel; assigning a Python number would copy it from the host
         return rows
     counts = detect_divergence(
         batch.req_to_token,

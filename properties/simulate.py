@@ -489,9 +489,9 @@ class Progress:
     """A single updating line on a terminal; a line every `interval` seconds otherwise.
     `message` prints a line above it (records, as they are reported)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, interval: float = 5.0) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream: TextIO | None = None, interval: float = 5.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.interval = interval if not self.tty else 0.1
         self._last = float("-inf")
         self._text = ""
@@ -537,7 +537,7 @@ class ProgressLogHandler(logging.Handler):
         self.progress.message(self.format(record))
 
 
-def simulate(config: SimulationConfig, stream: TextIO = sys.stderr) -> SimulationReport:
+def simulate(config: SimulationConfig, stream: TextIO | None = None) -> SimulationReport:
     """Run a simulation with a progress display and the records on `stream`."""
     progress = Progress(stream)
     logger = logging.getLogger("swa_canary.simulate")

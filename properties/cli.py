@@ -16,7 +16,8 @@ from canary.snapshot import Snapshot, SnapshotError, replay
 from canary.sweep import SweepInputError
 from properties.check import print_progress, run_check
 from properties.simulate import INJECTIONS, SimulationConfig, SimulationConfigError, simulate
-from properties.targets import TargetError, resolve_target
+from properties.differential import differential_target
+from properties.targets import Target, TargetError, resolve_target
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
@@ -37,16 +38,20 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
 
 
-def check_usage(args: argparse.Namespace) -> None:
-    """Raise TargetError for a target or device that cannot work, before any run starts."""
-    resolve_target(args.target)
+def check_usage(args: argparse.Namespace) -> Target:
+    """The target to check: --target, or with --against both, call by call. Raises TargetError
+    for a target or device that cannot work, before any run starts."""
+    target = resolve_target(args.target)
+    if args.against is not None:
+        target = differential_target(target, resolve_target(args.against))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TargetError("--device cuda, but torch sees no CUDA device")
+    return target
 
 
 def command_check(args: argparse.Namespace) -> int:
-    check_usage(args)
-    report = run_check(args.target, args.device, args.budget, args.seed, progress=print_progress())
+    target = check_usage(args)
+    report = run_check(target, args.device, args.budget, args.seed, progress=print_progress())
     sys.stderr.write("\n")
     if args.json:
         with open(args.json, "w") as out:
@@ -118,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     check = commands.add_parser("check", help="run every state machine against a target for a time budget")
     add_target_options(check)
+    check.add_argument(
+        "--against",
+        default=None,
+        metavar="TARGET",
+        help="differential mode: run every program on both targets and report the first call after "
+        "which they disagree (a returned value, a size, the free units or the mapping)",
+    )
     check.add_argument("--budget", type=parse_duration, default=60.0, help="seconds to spend (default 60)")
     check.add_argument("--seed", type=int, default=None, help="master seed, to repeat a check exactly")
     check.add_argument("--json", default=None, help="also write the report as JSON to this path")

@@ -1,0 +1,211 @@
+"""Differential targets: every call goes to two allocators, which must then agree.
+
+`differential_target(first, second)` is a Target like any other, so the machines and the
+check runner need nothing special for it. Its factory builds both allocators and wraps them
+in a `DifferentialAllocator`. After each call the two must agree on what the call returned
+(indices or None, or whether it raised), the full, SWA and hybrid available sizes, the whole
+mapping, and the free units of each pool. Free units are compared as multisets: their order
+decides later allocations, so an order difference shows up in a later returned value. The
+first disagreement raises `InvariantViolation` (DIFFERENTIAL), which the machines shrink and
+report like any violation.
+
+The machines' own checks and the probes read the first allocator. The contract is the stricter
+of the two targets' contracts, so every program is legal for both.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+from canary.probes import AllocatorView, InvariantViolation
+from properties.checks import violation
+from properties.targets import AllocatorConfig, Target
+
+# What the machines and probes read from an allocator without calling it; read from the first.
+INTROSPECTION = (
+    "full_attn_allocator",
+    "swa_attn_allocator",
+    "full_to_swa_index_mapping",
+    "page_size",
+    "size",
+    "size_full",
+    "size_swa",
+    "device",
+    "in_free_group",
+)
+SHOWN = 8
+
+
+def differential_target(first: Target, second: Target) -> Target:
+    """`first`, checked call by call against `second`, under both contracts."""
+
+    def factory(config: AllocatorConfig) -> DifferentialAllocator:
+        return DifferentialAllocator(first.factory(config), second.factory(config), (first.name, second.name))
+
+    factory.__name__ = f"{first.name}-vs-{second.name}"
+    return Target(f"{first.name} vs {second.name}", factory, first.contract.stricter(second.contract))
+
+
+class DifferentialAllocator:
+    """Two allocators behind one SPEC §1 interface."""
+
+    def __init__(self, first: Any, second: Any, names: tuple[str, str]) -> None:
+        self.sides = (first, second)
+        self.names = names
+        self._compare_states("construction")
+        if all(hasattr(side, "backup_state") and hasattr(side, "restore_state") for side in self.sides):
+            self.backup_state, self.restore_state = self._backup_state, self._restore_state
+
+    def __getattr__(self, name: str) -> Any:
+        if name in INTROSPECTION:
+            return getattr(self.sides[0], name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # ------------------------------------------------------------- calls
+    def alloc(self, need_size: int) -> torch.Tensor | None:
+        return self._call("alloc", need_size)
+
+    def alloc_extend(self, *args: Any) -> torch.Tensor | None:
+        return self._call("alloc_extend", *args)
+
+    def alloc_decode(self, *args: Any) -> torch.Tensor | None:
+        return self._call("alloc_decode", *args)
+
+    def alloc_extend_swa_tail(self, *args: Any) -> torch.Tensor | None:
+        return self._call("alloc_extend_swa_tail", *args)
+
+    def free(self, free_index: torch.Tensor) -> None:
+        self._call("free", free_index)
+
+    def free_swa(self, free_index: torch.Tensor) -> None:
+        self._call("free_swa", free_index)
+
+    def free_full(self, free_index: torch.Tensor) -> None:
+        self._call("free_full", free_index)
+
+    def free_group_begin(self) -> None:
+        self._call("free_group_begin")
+
+    def free_group_end(self) -> None:
+        self._call("free_group_end")
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    def _backup_state(self) -> tuple[Any, Any]:
+        return tuple(side.backup_state() for side in self.sides)
+
+    def _restore_state(self, states: tuple[Any, Any]) -> None:
+        for side, state in zip(self.sides, states):
+            side.restore_state(state)
+        self._compare_states("restore_state")
+
+    # ----------------------------------------------------------- queries
+    def available_size(self) -> int:
+        return self._query("available_size")
+
+    def full_available_size(self) -> int:
+        return self._query("full_available_size")
+
+    def swa_available_size(self) -> int:
+        return self._query("swa_available_size")
+
+    def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
+        return self._query("translate_loc_from_full_to_swa", kv_indices)
+
+    # -------------------------------------------------------- comparing
+    def _call(self, method: str, *args: Any) -> Any:
+        """Make the call on both (each with its own copy of the tensor arguments), then compare
+        the outcomes and the states."""
+        what = f"{method}({', '.join(_show(arg) for arg in args)})"
+        outcomes = [_outcome(side, method, _copied(args)) for side in self.sides]
+        differences = _outcome_differences(outcomes, self.names)
+        if differences:
+            self._raise(what, differences)
+        raised = outcomes[0][1]
+        if isinstance(raised, BaseException):
+            raise raised  # both raised: not a difference, the first's error stands for the call
+        self._compare_states(what)
+        return outcomes[0][0]
+
+    def _query(self, method: str, *args: Any) -> Any:
+        what = f"{method}({', '.join(_show(arg) for arg in args)})"
+        outcomes = [_outcome(side, method, _copied(args)) for side in self.sides]
+        differences = _outcome_differences(outcomes, self.names)
+        if differences:
+            self._raise(what, differences)
+        if isinstance(outcomes[0][1], BaseException):
+            raise outcomes[0][1]
+        return outcomes[0][0]
+
+    def _compare_states(self, what: str) -> None:
+        views = [AllocatorView.of(side) for side in self.sides]
+        differences = []
+        for size in ("full_available", "swa_available", "available"):
+            values = [getattr(view, size) for view in views]
+            if values[0] != values[1]:
+                differences.append(f"{size} {self._both(values)}")
+        mappings = [view.mapping.tolist() for view in views]
+        if len(mappings[0]) != len(mappings[1]):
+            differences.append(f"mapping length {self._both([len(m) for m in mappings])}")
+        else:
+            wrong = [index for index, (a, b) in enumerate(zip(*mappings)) if a != b]
+            if wrong:
+                shown = wrong[:SHOWN]
+                entries = [[mapping[index] for index in shown] for mapping in mappings]
+                differences.append(f"mapping at {shown} {self._both(entries)}")
+        for pool in ("full", "swa"):
+            units = [Counter(getattr(view, f"{pool}_free").tolist()) for view in views]
+            only = [sorted((units[0] - units[1]).elements()), sorted((units[1] - units[0]).elements())]
+            if only[0] or only[1]:
+                differences.append(f"{pool} free units held by one only {self._both([o[:SHOWN] for o in only])}")
+        if differences:
+            self._raise(f"after {what}", differences)
+
+    def _both(self, values: list[Any]) -> str:
+        return f"({self.names[0]} {values[0]}, {self.names[1]} {values[1]})"
+
+    def _raise(self, what: str, differences: list[str]) -> None:
+        raise InvariantViolation([violation("DIFFERENTIAL", [], f"{what}: {'; '.join(differences)}")])
+
+
+def _outcome(side: Any, method: str, args: tuple) -> tuple[Any, BaseException | None]:
+    try:
+        return getattr(side, method)(*args), None
+    except Exception as error:  # an error is an outcome to compare, whichever it is
+        return None, error
+
+
+def _outcome_differences(outcomes: list[tuple[Any, BaseException | None]], names: tuple[str, str]) -> list[str]:
+    (first, first_error), (second, second_error) = outcomes
+    if (first_error is None) != (second_error is None):
+        return [f"{name} {_describe(value, error)}" for name, (value, error) in zip(names, outcomes)]
+    if first_error is not None:
+        return []
+    if _plain(first) != _plain(second):
+        return [f"returned {_show(first)} ({names[0]}) and {_show(second)} ({names[1]})"]
+    return []
+
+
+def _plain(value: Any) -> Any:
+    """A value as comparable plain data (tensors as lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def _describe(value: Any, error: BaseException | None) -> str:
+    if error is not None:
+        return f"raised {type(error).__name__}: {error}"
+    return f"returned {_show(value)}"
+
+
+def _show(value: Any) -> str:
+    return repr(_plain(value))
+
+
+def _copied(args: tuple) -> tuple:
+    return tuple(arg.clone() if isinstance(arg, torch.Tensor) else arg for arg in args)

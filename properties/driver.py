@@ -1,7 +1,8 @@
 """Calls an allocator with plain-int arguments and keeps the log of every call.
 
 Arguments are the golden-trace form (index lists, ints), so the log replays anywhere: it is
-what a finding exports as a standalone regression test.
+what a finding exports as a standalone regression test. `backup_state` and `restore_state`
+are logged with an integer handle in place of the state object; the driver keeps the states.
 """
 
 from __future__ import annotations
@@ -19,10 +20,22 @@ class AllocatorDriver:
     allocator: Any
     device: str
     log: list[dict] = field(default_factory=list)
+    saved_states: dict[int, Any] = field(default_factory=dict)
 
     def call(self, method: str, *args: Any) -> torch.Tensor | None:
         """Call `method` with list arguments turned into int64 tensors; log it first, so a
         call that raises is in the log too."""
         entry = {"call": method, "args": list(args)}
         self.log.append(entry)
+        if method == "backup_state":
+            self.saved_states[args[0]] = self.allocator.backup_state()
+            return None
+        if method == "restore_state":
+            self.allocator.restore_state(self.saved_states[args[0]])
+            return None
         return getattr(self.allocator, method)(*call_arguments(entry, self.device))
+
+    def replay(self, calls: list[dict]) -> None:
+        """Make every logged call again, in order."""
+        for entry in calls:
+            self.call(entry["call"], *entry["args"])

@@ -172,8 +172,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(target=backups)
     def backup_state(self) -> int:
         self.next_handle += 1
-        state = self.allocator.backup_state()
-        self.saved[self.next_handle] = (self.model.snapshot(), copy.deepcopy(self.handles), state)
+        self.driver.call("backup_state", self.next_handle)
+        self.saved[self.next_handle] = (self.model.snapshot(), copy.deepcopy(self.handles))
         self.expectation = Expectation("backup_state")
         return self.next_handle
 
@@ -182,8 +182,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     def restore_state(self, backup: int) -> None:
         if backup not in self.saved:
             return
-        model, handles, state = self.saved[backup]
-        self.allocator.restore_state(state)
+        model, handles = self.saved[backup]
+        self.driver.call("restore_state", backup)
         self.model, self.handles = copy.deepcopy(model), copy.deepcopy(handles)
         self.expectation = Expectation("restore_state")
 

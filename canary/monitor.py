@@ -14,11 +14,11 @@ event cannot be queried while a capture is under way); every replay refills that
 `flush` reads it. A captured check sees the allocator's tensors at the addresses they had at
 capture, and its host-known sizes as they were then.
 
-Reports: each violation once (by source, invariant and the items shown), as a one-line JSON
-log record (`canary.report`), in the counters, in a bounded ring, and, with `snapshot_dir`,
-with a snapshot of the checked state (`canary.snapshot`; keeping it costs device copies of the
-mapping and free lists at each check, and writing it a synchronisation, only when a new
-violation is found). Modes: "off" does nothing, "warn" reports, "strict" also raises
+Reports: each violation once (by source, invariant, the checks broken and the items shown),
+as a one-line JSON log record (`canary.report`), in the counters, in a bounded ring, and,
+with `snapshot_dir`, with a snapshot of the checked state (`canary.snapshot`: keeping it
+costs device copies of the mapping, the free lists and the batch's rows at each check;
+writing it, a synchronisation, happens only when a new violation is found). Modes: "off" does nothing, "warn" reports, "strict" also raises
 InvariantViolation from `step` or `flush` when a FATAL violation is reported. In warn mode an
 internal error never reaches the caller: the monitor logs one line and turns itself off.
 """
@@ -29,7 +29,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -74,9 +74,9 @@ class MonitorStats:
     skipped: int
     """Checks skipped because both read-back slots were in flight."""
     records: int
-    by_invariant: dict[tuple[str, str], int] = field(default_factory=dict)
+    by_invariant: dict[tuple[str, str], int]
     """Records per (invariant, severity)."""
-    divergence: dict[str, int] | None = None
+    divergence: dict[str, int] | None
     """The detector's totals of the latest check that ran it."""
 
 
@@ -244,7 +244,9 @@ class CanaryMonitor:
             current.update({("divergence", invariant): 0 for invariant, _ in DIVERGENCE_INVARIANTS.values()})
         current.update({(source, v.invariant): v.count for source, v in result.sourced()})
         self._reporter.checked(current, result.divergence)
-        new = [(source, v) for source, v in result.sourced() if self._first_sight((source, v.invariant, *v.indices))]
+        new = [
+            (source, v) for source, v in result.sourced() if self._first_sight((source, v.invariant, v.detail, *v.indices))
+        ]
         if not new:
             return
         path = None

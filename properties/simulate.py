@@ -27,7 +27,7 @@ from typing import Callable, TextIO
 import torch
 
 from allocator import SWATokenToKVPoolAllocator
-from canary.monitor import CanaryMonitor, attach
+from canary.monitor import MODES, CanaryMonitor, attach
 from canary.report import CanaryRecord
 
 
@@ -65,6 +65,14 @@ class SimulationConfig:
         for name in ("size", "size_swa"):
             if getattr(self, name) % self.page_size:
                 raise SimulationConfigError(f"{name}={getattr(self, name)} is not a multiple of page_size={self.page_size}")
+        if self.canary not in MODES:
+            raise SimulationConfigError(f"canary must be one of {MODES}, got {self.canary!r}")
+        if not 0 <= self.arrival_rate < float("inf"):
+            raise SimulationConfigError(f"arrival_rate must be a finite number >= 0, got {self.arrival_rate!r}")
+        for name in ("prompt_tokens", "output_tokens"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise SimulationConfigError(f"{name} must be a range (low, high) with 1 <= low <= high, got {(low, high)}")
         if self.device not in ("cpu", "cuda"):
             raise SimulationConfigError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -320,21 +320,27 @@ class FakeEvent:
         self.done = True
 
 
-def test_checks_in_flight_are_read_when_done_and_skipped_when_both_slots_are_busy(logger: logging.Logger) -> None:
-    allocator = build(BUGS["SENTINEL"].allocator, BUGS["SENTINEL"], torch.device("cpu"))
-    BUGS["SENTINEL"].scenario(allocator)
-    monitor = attach(allocator, every=1, logger=logger)
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_checks_in_flight_are_read_when_done_and_skipped_when_both_slots_are_busy(
+    page_size: int, logger: logging.Logger, tmp_path
+) -> None:
+    served = Served(page_size)
+    served.add(8)
+    served.add(12)
+    served.mapping[-1] = 0
+    batch = served.batch()
+    monitor = watch(served, logger, snapshot_dir=tmp_path)
     events = [FakeEvent(), FakeEvent()]
     for slot, event in zip(monitor._slots, events):
         slot.event = event
-    with NoHostSync():  # queueing a check reads nothing back
-        monitor.step()
-        monitor.step()
-        monitor.step()  # both slots in flight: skipped
+    with NoHostSync():  # queueing a check (probes, detector, snapshot copies) reads nothing back
+        for _ in range(3):
+            monitor.step(**batch)  # the third finds both slots in flight: skipped
     assert monitor.recent() == [] and monitor.stats().skipped == 1
     events[0].done = True
-    monitor.step()
+    monitor.step(**batch)
     assert [(r.invariant, r.checked_step, r.reported_step) for r in monitor.recent()] == [("SENTINEL", 1, 4)]
+    assert Snapshot.load(monitor.recent()[0].snapshot).step == 1
     monitor.flush()  # steps 2 and 4: the same violation, not reported again
     assert len(monitor.recent()) == 1 and monitor.stats().checks == 3
     assert all(event.done for event in events)

@@ -78,6 +78,9 @@ def test_a_broken_allocator_is_caught_without_injection(monkeypatch: pytest.Monk
         ({"inject": "PAD", "canary": "off"}, "needs the canary on"),
         ({"inject": "WINDOW", "window": 5}, "WINDOW injection needs window >= every \\+ 2"),
         ({"device": "tpu"}, "device must be cpu or cuda"),
+        ({"canary": "loud"}, "canary must be one of"),
+        ({"arrival_rate": -1.0}, "arrival_rate must be a finite number"),
+        ({"prompt_tokens": (10, 5)}, "prompt_tokens must be a range"),
     ],
 )
 def test_bad_configurations_are_rejected(options: dict, message: str) -> None:

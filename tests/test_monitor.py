@@ -570,7 +570,7 @@ def test_a_captured_step_checks_on_every_graph_replay(logger: logging.Logger) ->
     served.add(8)
     tokens = served.add(12)
     batch = served.batch()
-    monitor = watch(served, logger)
+    monitor = watch(served, logger, mode="strict")  # strict: an error inside the capture surfaces
     for _ in range(3):  # warm-up: lazy initialisation must not happen inside the capture
         monitor.step(**batch)
     monitor.flush()
@@ -585,8 +585,8 @@ def test_a_captured_step_checks_on_every_graph_replay(logger: logging.Logger) ->
     served.mapping[-1] = 0
     served.mapping[tokens[-1]] = 0
     graph.replay()
-    monitor.flush()
+    with pytest.raises(InvariantViolation):
+        monitor.flush()
     found = {(r.source, r.invariant): (r.indices, r.checked_step) for r in monitor.recent()}
     assert found[("probe", "SENTINEL")] == ((served.mapping.numel() - 1,), captured_step)
     assert found[("divergence", "WINDOW")] == ((1,), captured_step)
-    assert monitor.enabled

@@ -1,6 +1,8 @@
 """Runtime correctness canary for SWA KV-cache allocators: the invariant registry and the
-model-free probes (SPEC §2); see also `canary.divergence`."""
+model-free probes (SPEC §2), the divergence detector (§3) and the runtime monitor (§4)."""
 
+from canary.divergence import DivergenceCounts, detect_divergence
+from canary.monitor import CanaryMonitor, attach
 from canary.probes import (
     INVARIANTS,
     AllocatorView,
@@ -14,6 +16,10 @@ from canary.probes import (
 )
 
 __all__ = [
+    "CanaryMonitor",
+    "DivergenceCounts",
+    "attach",
+    "detect_divergence",
     "INVARIANTS",
     "AllocatorView",
     "Invariant",

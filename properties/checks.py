@@ -28,6 +28,7 @@ class Observed:
     full_available: int
     swa_available: int
     available: int
+    in_free_group: bool
     probe_violations: list[Violation]
 
     def same_state(self, other: "Observed") -> bool:
@@ -55,6 +56,7 @@ def observe(allocator: Any, result: torch.Tensor | None) -> Observed:
         full_available=view.full_available,
         swa_available=view.swa_available,
         available=view.available,
+        in_free_group=view.in_free_group,
         probe_violations=ProbeResults.from_packed(probes.names, packed.reshape(probes.packed.shape)).read(),
     )
 
@@ -67,6 +69,8 @@ class Expectation:
     result: list[int] | None = None
     is_allocation: bool = False
     live_before: set[int] = field(default_factory=set)
+    breach: str = ""
+    """A SPEC rule the call broke that the state need not show (e.g. a misuse that did not raise)."""
 
 
 def violation(name: str, indices: Iterable[int], detail: str) -> Violation:
@@ -189,7 +193,13 @@ def _staged_sorted(free_units: list[int], pool: PoolModel) -> list[int]:
 
 
 def _check_contract(observed: Observed, model: SWAModel, expectation: Expectation) -> list[Violation]:
-    differences = []
+    differences = [expectation.breach] if expectation.breach else []
+    if observed.in_free_group != model.in_group:
+        differences.append(
+            "the allocator has a free group open, the model has none"
+            if observed.in_free_group
+            else "the allocator has no free group open, the model has one"
+        )
     if observed.result != expectation.result:
         differences.append(f"{expectation.call} returned {observed.result}, the model {expectation.result}")
     if observed.mapping != model.dense_mapping():

@@ -106,7 +106,7 @@ class SWATokenToKVPoolAllocator:
     # ------------------------------------------------------------ allocation
     def alloc(self, need_size: int) -> torch.Tensor | None:
         """`need_size` slots on both pools (page size 1 only), or None with nothing changed."""
-        self._require_page_size(lambda ps: ps == 1, "alloc", "page_size 1")
+        self._require_paged(False, "alloc")
         need_size = check_count("need_size", need_size)
         return self._allocate_pair(
             self.full_attn_allocator.reserve_tokens(need_size), self.swa_attn_allocator.reserve_tokens(need_size)
@@ -122,7 +122,7 @@ class SWATokenToKVPoolAllocator:
         extend_num_tokens: int,
     ) -> torch.Tensor | None:
         """Extend every request on both pools; the SWA side continues from last_loc's SWA peer."""
-        self._require_page_size(lambda ps: ps > 1, "alloc_extend", "page_size > 1")
+        self._require_paged(True, "alloc_extend")
         full_reservation = self.full_attn_allocator.reserve_extend(
             prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens
         )
@@ -136,7 +136,7 @@ class SWATokenToKVPoolAllocator:
         self, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor, last_loc: torch.Tensor
     ) -> torch.Tensor | None:
         """One slot per request on both pools for position seq_i - 1."""
-        self._require_page_size(lambda ps: ps > 1, "alloc_decode", "page_size > 1")
+        self._require_paged(True, "alloc_decode")
         full_reservation = self.full_attn_allocator.reserve_decode(seq_lens, seq_lens_cpu, last_loc)
         swa_last_loc = self._swa_last_loc(seq_lens - 1, last_loc)
         swa_reservation = self.swa_attn_allocator.reserve_decode(seq_lens, seq_lens_cpu, swa_last_loc)
@@ -159,7 +159,7 @@ class SWATokenToKVPoolAllocator:
         request's current page and that page still has an SWA peer; otherwise it gets fresh
         SWA pages, with the tail at the same offsets as on its full pages.
         """
-        self._require_page_size(lambda ps: ps > 1, "alloc_extend_swa_tail", "page_size > 1")
+        self._require_paged(True, "alloc_extend_swa_tail")
         full_reservation = self.full_attn_allocator.reserve_extend(
             prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens
         )
@@ -313,6 +313,7 @@ class SWATokenToKVPoolAllocator:
         self.full_to_swa_index_mapping.zero_()
         self.full_to_swa_index_mapping[-1] = -1
 
-    def _require_page_size(self, accepts, call: str, needed: str) -> None:
-        if not accepts(self.page_size):
+    def _require_paged(self, paged: bool, call: str) -> None:
+        if (self.page_size > 1) != paged:
+            needed = "page_size > 1" if paged else "page_size 1"
             raise UnsupportedOperationError(f"{call} needs {needed}; this allocator has page_size {self.page_size}")

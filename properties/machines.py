@@ -64,18 +64,21 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.window: int | None = None
 
     def start(self, size: int, size_swa: int, page_size: int, need_sort: bool) -> None:
-        self.allocator = self.factory(AllocatorConfig(size, size_swa, page_size, self.device, need_sort))
-        self.driver = AllocatorDriver(self.allocator, self.device)
         self.model = SWAModel(size, size_swa, page_size, need_sort)
+        calls: list[dict] = []
+        if self.stats is not None:
+            # Recorded before the factory runs: a target that fails to construct still leaves
+            # this program's config, not the previous program's.
+            self.stats.programs += 1
+            self.stats.last_program = {"config": self.model.config(), "calls": calls}
+        self.allocator = self.factory(AllocatorConfig(size, size_swa, page_size, self.device, need_sort))
+        self.driver = AllocatorDriver(self.allocator, self.device, calls)
         self.handles: dict[int, object] = {}
         self.next_handle = 0
         self.saved: dict[int, tuple[SWAModel, dict, object]] = {}
         self.result = None
         self.expectation = Expectation("__init__")
         self.previous: Observed | None = None
-        if self.stats is not None:
-            self.stats.programs += 1
-            self.stats.last_program = {"config": self.model.config(), "calls": self.driver.log}
 
     # ------------------------------------------------------------ the step
     def allocate(self, method: str, args: tuple, expected: list[int] | None, live_before: set[int]) -> list[int] | None:

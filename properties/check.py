@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, TextIO
 
-from hypothesis import seed as hypothesis_seed, settings
+from hypothesis import Phase, seed as hypothesis_seed, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 import properties.settings  # noqa: F401  registers our "ci" profile over Hypothesis's own
@@ -132,8 +132,12 @@ def run_check(
     seed: int | None = None,
     machines: list[str] | None = None,
     progress: Callable[[CheckReport], None] | None = None,
+    shrink: bool = True,
 ) -> CheckReport:
-    """Run the machines round-robin until a violation or the budget; return what happened."""
+    """Run the machines round-robin until a violation or the budget; return what happened.
+
+    shrink=False reports the first failing program as found: the finding's time is then the
+    time to detect, and its program is not minimal (shrinking usually takes far longer)."""
     master = random.randrange(2**32) if seed is None else seed
     rng = random.Random(master)
     bound = as_target(target)
@@ -142,7 +146,11 @@ def run_check(
     stats = Stats()
     report = CheckReport(bound.name, device, master, budget)
     run_settings = settings(
-        settings.get_profile("ci"), max_examples=EXAMPLES_PER_RUN, derandomize=False, database=None
+        settings.get_profile("ci"),
+        max_examples=EXAMPLES_PER_RUN,
+        derandomize=False,
+        database=None,
+        phases=[phase for phase in Phase if shrink or phase is not Phase.shrink],
     )
     started = time.monotonic()
     while time.monotonic() - started < budget and report.finding is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -14,7 +15,11 @@ from canary.divergence import DivergenceInputError
 from canary.probes import ProbeInputError
 from canary.snapshot import Snapshot, SnapshotError, replay
 from canary.sweep import SweepInputError
+from properties.campaign import CampaignConfig, run_campaign
+from properties.campaign_database import CampaignDatabaseError, DatabaseSpec
+from properties.campaign_resume import replay_finding
 from properties.check import print_progress, run_check
+from properties.machines import MACHINES
 from properties.simulate import INJECTIONS, SimulationConfig, SimulationConfigError, simulate
 from properties.differential import differential_target
 from properties.targets import Target, TargetError, resolve_target
@@ -87,11 +92,33 @@ def command_simulate(args: argparse.Namespace) -> int:
     return EXIT_CLEAN if report.passed else EXIT_FOUND
 
 
+def command_fuzz(args: argparse.Namespace) -> int:
+    check_usage(args)
+    out = Path(args.out)
+    config = CampaignConfig(
+        target=args.target,
+        device=args.device,
+        duration=args.duration,
+        workers=args.workers,
+        out=out,
+        database=DatabaseSpec.parse(args.db, out),
+        seed=args.seed,
+        machines=tuple(args.machine or sorted(MACHINES)),
+        examples_per_run=args.examples_per_run,
+        status_seconds=args.interval,
+    )
+    try:
+        summary = run_campaign(config)
+    except CampaignDatabaseError as error:
+        print(f"swa-canary: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_FOUND if summary["new_findings"] or summary["still_failing"] else EXIT_CLEAN
+
+
 def command_replay(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_dir():
-        print(f"swa-canary: {path} is a directory; replay takes a snapshot file written by the canary", file=sys.stderr)
-        return EXIT_USAGE
+        return replay_finding(path)
     return replay_snapshot(path)
 
 
@@ -148,8 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=None, help="seed, to repeat a run exactly")
     sim.set_defaults(handler=command_simulate)
 
-    replay_command = commands.add_parser("replay", help="re-run the canary's check on a snapshot it wrote")
-    replay_command.add_argument("path", help="a snapshot file (swa-canary-*.pt)")
+    fuzz = commands.add_parser("fuzz", help="an overnight campaign: worker processes, a shared example database, exported findings")
+    add_target_options(fuzz)
+    fuzz.add_argument("--duration", type=parse_duration, default=8 * 3600.0, help="how long to run (default 8h)")
+    fuzz.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
+    fuzz.add_argument(
+        "--db", default=None, metavar="PATH|redis://HOST:PORT/N",
+        help="example database shared by the workers (default OUT/examples); Redis keeps OUT/examples as its local copy",
+    )
+    fuzz.add_argument("--out", default="fuzz-out", help="campaign directory: findings/, examples/ (default fuzz-out)")
+    fuzz.add_argument("--seed", type=int, default=None, help="master seed of the workers' seeds")
+    fuzz.add_argument("--examples-per-run", type=int, default=CampaignConfig.examples_per_run,
+                      help="examples per Hypothesis run; smaller runs report more often")
+    fuzz.add_argument("--machine", action="append", choices=sorted(MACHINES), default=None,
+                      help="run only this state machine (repeatable; default all)")
+    fuzz.add_argument("--interval", type=parse_duration, default=CampaignConfig.status_seconds,
+                      help="seconds between JSON status lines when not on a terminal (default 10)")
+    fuzz.set_defaults(handler=command_fuzz, against=None)
+
+    replay_command = commands.add_parser(
+        "replay", help="re-run the canary's check on a snapshot it wrote, or a campaign finding (OUT/findings/ID)"
+    )
+    replay_command.add_argument("path", help="a snapshot file (swa-canary-*.pt) or a finding directory")
     replay_command.set_defaults(handler=command_replay)
     return parser
 

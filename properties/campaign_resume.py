@@ -1,0 +1,88 @@
+"""Re-running exported findings: at the start of a resumed campaign, and `swa-canary replay DIR`.
+
+A violation or error finding re-runs its exported pytest file (in process for a campaign,
+with pytest for `replay`); a crash finding re-runs its worker's run from the recorded seed.
+A campaign checks its known findings in a child process, so a finding that still kills its
+process cannot take the campaign down: the child is replaced and the check goes on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from properties.campaign_database import DatabaseSpec
+from properties.campaign_worker import DATABASE, PASS_NAMES, rerun
+from properties.export import load_report, run_regression
+from properties.targets import resolve_target
+
+FAILS, PASSES, CRASHES = "fails", "passes", "crashes"
+
+
+def verdict(directory: Path, target: str, device: str) -> tuple[str, str]:
+    """(FAILS or PASSES, what failed) for one finding on `target`, in this process."""
+    report = load_report(directory)
+    if report["kind"] == "crash":
+        database = DatabaseSpec(**report["database"]) if report["pass"] == PASS_NAMES[DATABASE] else None
+        error = rerun(target, device, report["machine"], report["seed"], report["examples_per_run"], database)
+        return (PASSES, "") if error is None else (FAILS, f"{type(error).__name__}: {error}")
+    test = directory / report["test"]
+    failure = run_regression(test.read_text(), str(test), resolve_target(target).factory, device)
+    return (PASSES, "") if failure is None else (FAILS, failure)
+
+
+def _check_in_child(directories: list[str], target: str, device: str, conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.dup2(2, 1)
+    for directory in directories:
+        conn.send((directory, *verdict(Path(directory), target, device)))
+
+
+def check_known(directories: list[Path], target: str, device: str) -> dict[str, tuple[str, str]]:
+    """Verdict of every finding directory on `target`: FAILS, PASSES, or CRASHES (its check
+    killed the process that ran it)."""
+    context = multiprocessing.get_context("spawn")
+    pending = [str(directory) for directory in directories]
+    verdicts: dict[str, tuple[str, str]] = {}
+    while pending:
+        reader, writer = context.Pipe(duplex=False)
+        child = context.Process(target=_check_in_child, args=(pending, target, device, writer), daemon=True)
+        child.start()
+        writer.close()
+        while pending:
+            try:
+                directory, outcome, detail = reader.recv()
+            except (EOFError, OSError):
+                child.join()
+                verdicts[pending.pop(0)] = (CRASHES, f"the process checking it exited with {child.exitcode}")
+                break
+            verdicts[directory] = (outcome, detail)
+            pending.remove(directory)
+        reader.close()
+        child.join()
+    return {Path(directory).name: verdicts[directory] for directory in map(str, directories)}
+
+
+def replay_finding(directory: Path) -> int:
+    """`swa-canary replay DIR/findings/<id>`: 1 if the finding still fails on its target (or
+    SWA_TARGET), 0 if it passes, 2 if DIR is not a finding."""
+    try:
+        report = load_report(directory)
+    except (OSError, ValueError) as error:
+        print(f"swa-canary: {directory} is not a finding directory ({error})", file=sys.stderr)
+        return 2
+    target = os.environ.get("SWA_TARGET", report["target"])
+    device = os.environ.get("SWA_DEVICE", report["device"])
+    print(f"finding {report['id']}: {report.get('severity', 'FATAL')} {report['invariant']} in {report['machine']}, on {target} ({device})")
+    if report["kind"] == "crash":
+        outcome, detail = check_known([directory], target, device)[directory.name]
+        print(f"{outcome}{': ' + detail if detail else ''}")
+        return 0 if outcome == PASSES else 1
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(directory), report["test"]]
+    completed = subprocess.run(command, cwd=directory)
+    return {0: 0, 1: 1}.get(completed.returncode, 2)

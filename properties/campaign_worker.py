@@ -1,0 +1,234 @@
+"""One campaign worker process: every machine in turn, fresh seeds, the shared database.
+
+A worker alternates two kinds of run. A database pass (at start, then every
+`reuse_seconds`) replays the stored failures of each machine, so known failures come back
+first and failures other workers or campaigns stored reach this one. Search passes run each
+machine with a fresh seed for a short `examples_per_run`, with shrinking, and store what fails.
+A failure is exported (properties/export.py) before the coordinator hears of it.
+
+Before each run the worker writes (machine, seed, pass) into shared memory: if the process
+dies, the coordinator knows which run killed it. It ignores SIGINT: the coordinator stops it
+through an event, checked between runs, and SIGUSR1, which interrupts a run (a long shrink).
+Its stdout goes to stderr, so nothing it prints mixes with the coordinator's status lines.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+import unittest
+from collections import Counter
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable
+
+from hypothesis import Phase, seed as hypothesis_seed, settings
+from hypothesis.database import ExampleDatabase
+from hypothesis.stateful import run_state_machine_as_test
+from hypothesis.statistics import collector
+
+import properties.settings  # noqa: F401  registers the nightly profile
+from properties.campaign_database import DatabaseSpec
+from properties.check import Stats, bind_stats, finding_from
+from properties.export import export_finding
+from properties.machines import AllocatorMachine, machine_classes
+from properties.targets import resolve_target
+
+SEARCH, DATABASE = 0, 1
+PASS_NAMES = {SEARCH: "search", DATABASE: "database"}
+SEARCH_PHASES = (Phase.explicit, Phase.generate, Phase.target, Phase.shrink)
+DATABASE_PHASES = (Phase.reuse, Phase.shrink)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    slot: int
+    seed: int
+    """Seeds every search run of this worker process."""
+    target: str
+    device: str
+    database: DatabaseSpec
+    findings_dir: str
+    machines: tuple[str, ...]
+    examples_per_run: int
+    report_seconds: float
+    reuse_seconds: float
+
+
+def run_settings(database: ExampleDatabase | None, examples_per_run: int, which: int) -> settings:
+    """The nightly profile, with short runs so workers report often."""
+    return settings(
+        settings.get_profile("nightly"),
+        max_examples=examples_per_run,
+        database=database,
+        phases=DATABASE_PHASES if which == DATABASE else SEARCH_PHASES,
+        derandomize=False,
+        report_multiple_bugs=False,
+    )
+
+
+def run_machine(
+    machine: type[AllocatorMachine],
+    stats: Stats,
+    run_seed: int,
+    run: settings,
+    on_statistics: Callable[[dict], None] = lambda _: None,
+) -> BaseException | None:
+    """One Hypothesis run of a machine; the (shrunk) failure, or None."""
+    stats.last_program = None
+    try:
+        with collector.with_value(on_statistics):
+            run_state_machine_as_test(hypothesis_seed(run_seed)(bind_stats(machine, stats)), settings=run)
+    except unittest.SkipTest:  # a database pass with nothing stored for this machine
+        return None
+    except Exception as error:  # any failure of the target is a finding, not a worker crash
+        return error
+    return None
+
+
+HYPOTHESIS_EVENT_PREFIXES = ("Retried draw from", "Aborted test because", "gave up because")
+"""Hypothesis's own events (they name rules by memory address): not coverage of the machines."""
+
+
+def count_events(statistics: dict, into: Counter) -> None:
+    """Add the machines' events of every test case in Hypothesis's statistics of one run."""
+    for phase in statistics.values():
+        if isinstance(phase, dict):
+            for case in phase.get("test-cases", ()):
+                into.update(event for event in case.get("events", ()) if not event.startswith(HYPOTHESIS_EVENT_PREFIXES))
+
+
+class Reporter:
+    """Sends to the coordinator. A thread sends the progress made since the last report every
+    `every` seconds, so a long shrink still shows steps. Counters are copied with one
+    `dict.update` each, which the interpreter does without switching threads."""
+
+    def __init__(self, conn: Connection, stats: Stats, events: Counter, every: float) -> None:
+        self.conn, self.stats, self.events, self.every = conn, stats, events, every
+        self.lock = threading.Lock()
+        self.sent = (0, 0, Counter(), Counter())
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._report_periodically, daemon=True)
+        self.thread.start()
+
+    def send(self, message: dict) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+    def progress(self) -> dict:
+        now = (self.stats.programs, self.stats.steps, Counter(self.stats.calls), Counter(self.events))
+        programs, steps, calls, events = self.sent
+        self.sent = now
+        return {
+            "type": "progress",
+            "programs": now[0] - programs,
+            "steps": now[1] - steps,
+            "calls": dict(now[2] - calls),
+            "events": dict(now[3] - events),
+        }
+
+    def _report_periodically(self) -> None:
+        while not self.done.wait(self.every):
+            with self.lock:
+                self.conn.send(self.progress())
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        with self.lock:
+            self.conn.send(self.progress())
+            self.conn.send({"type": "stopped"})
+
+
+class Interruptible:
+    """SIGUSR1 (the coordinator stopping) interrupts a run in progress; Hypothesis then stops
+    at once, keeping what it stored. Outside a run (say, while exporting) it waits."""
+
+    def __init__(self) -> None:
+        self.running = False
+        signal.signal(signal.SIGUSR1, self._interrupt)
+
+    def _interrupt(self, _number: int, _frame: Any) -> None:
+        if self.running:
+            raise KeyboardInterrupt
+
+    def run(self, *args: Any) -> tuple[bool, BaseException | None]:
+        """run_machine(*args): (False, None) if interrupted, else (True, its result)."""
+        self.running = True
+        try:
+            return True, run_machine(*args)
+        except KeyboardInterrupt:
+            return False, None
+        finally:
+            self.running = False
+
+
+def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> None:
+    """The worker process: run until `stop` is set (or SIGUSR1); report through `conn`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.dup2(2, 1)
+    interruptible = Interruptible()
+    target = resolve_target(plan.target)
+    classes = machine_classes(target, plan.device)
+    database = plan.database.open(target.name, plan.device)
+    rng = random.Random(plan.seed)
+    stats, events = Stats(), Counter()
+    reporter = Reporter(conn, stats, events, plan.report_seconds)
+    started = time.monotonic()
+    last_database_pass = None
+    while not stop.is_set():
+        which = SEARCH
+        if last_database_pass is None or time.monotonic() - last_database_pass >= plan.reuse_seconds:
+            which, last_database_pass = DATABASE, time.monotonic()
+        for index, name in enumerate(plan.machines):
+            if stop.is_set():
+                break
+            run_seed = rng.randrange(2**32)
+            current[:] = [index, run_seed, which]
+            run = run_settings(database, plan.examples_per_run, which)
+            finished, error = interruptible.run(classes[name], stats, run_seed, run, lambda s: count_events(s, events))
+            if not finished:
+                break
+            if error is not None:
+                finding = finding_from(name, error, run_seed, time.monotonic() - started)
+                finding.calls = stats.last_program
+                reporter.send(report_finding(plan, finding, target, PASS_NAMES[which]))
+    reporter.close()
+
+
+def report_finding(plan: WorkerPlan, finding: Any, target: Any, via: str) -> dict:
+    """Export the finding to disk, then say what was written."""
+    try:
+        exported = export_finding(Path(plan.findings_dir), finding, target, plan.device, via, worker_seed=plan.seed)
+    except Exception as error:  # the finding stands even if its export fails: report both
+        return {"type": "export-failed", "machine": finding.machine, "invariant": finding.invariant,
+                "seed": finding.seed, "error": f"{type(error).__name__}: {error}"}
+    report = exported.report
+    return {
+        "type": "finding",
+        "id": exported.identifier,
+        "new": exported.path is not None,
+        "path": str(Path(plan.findings_dir) / exported.identifier),
+        "kind": report["kind"],
+        "invariant": finding.invariant,
+        "severity": finding.severity,
+        "machine": finding.machine,
+        "seed": finding.seed,
+        "via": via,
+    }
+
+
+def rerun(
+    target: str, device: str, machine: str, run_seed: int, examples_per_run: int, database: DatabaseSpec | None = None
+) -> BaseException | None:
+    """A worker's run again: a search run from its seed with no database, or, given the
+    campaign's `database`, a database pass over it. What a crash finding reproduces."""
+    bound = resolve_target(target)
+    which = SEARCH if database is None else DATABASE
+    stored = None if database is None else database.open(bound.name, device)
+    machines = machine_classes(bound, device)
+    return run_machine(machines[machine], Stats(), run_seed, run_settings(stored, examples_per_run, which))

@@ -16,7 +16,16 @@ import copy
 from dataclasses import dataclass
 
 from hypothesis import event, strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
 
 from canary.probes import InvariantViolation
 from properties.checks import Expectation, Observed, check_step, observe
@@ -83,6 +92,10 @@ class AllocatorMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ the step
     def allocate(self, method: str, args: tuple, expected: list[int] | None, live_before: set[int]) -> list[int] | None:
         """Make one allocation call whose model outcome is `expected` (None: must fail)."""
+        if self.expectation.call != "(no call)":
+            # A release earlier in this rule changed the state: a failed allocation must
+            # leave it as it was right before the allocation.
+            self.previous = observe(self.allocator, None)
         self.result = self.driver.call(method, *args)
         self.expectation = Expectation(method, expected, True, live_before)
         if expected is None:
@@ -191,8 +204,12 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.expectation = Expectation("restore_state")
 
     @precondition(lambda self: self.allocator is not None)
-    @rule()
-    def clear(self) -> None:
+    @rule(now=st.integers(0, 3))
+    def clear(self, now: int) -> None:
+        """Drop everything (an engine's cache flush: rare). Three draws in four skip it, so that
+        programs build up deep states; drawn at every step it undid most of them."""
+        if now:
+            return
         self.driver.call("clear")
         self.model.clear()
         self.handles.clear()
@@ -218,12 +235,22 @@ class SlotMachine(AllocatorMachine):
         slots = self.allocate("alloc", (need,), self.model.alloc(need), live_before)
         return multiple() if slots is None else self.new_handle(Holding(slots))
 
-    @rule(handle=holdings, ending=st.sampled_from(ENDINGS))
+    @rule(handle=consumes(holdings), ending=st.sampled_from(ENDINGS))
     def finish(self, handle: int, ending: str) -> None:
         """Release the whole holding (ENDINGS says how)."""
         holding = self.handles.pop(handle, None)
         if holding is not None:
             self.end_tokens(holding.tokens, holding.swa_released, ending)
+
+    @rule()
+    def advance_windows(self) -> None:
+        """Every holding's window slides by one token: one free_swa of each holding's oldest
+        SWA peer, batched in one call."""
+        oldest = [holding for holding in self.handles.values() if holding.swa_released < len(holding.tokens)]
+        if oldest:
+            self.release("free_swa", [holding.tokens[holding.swa_released] for holding in oldest])
+        for holding in oldest:
+            holding.swa_released += 1
 
     @rule(handle=holdings, count=st.integers(1, 10))
     def free_swa(self, handle: int, count: int) -> None:
@@ -298,10 +325,20 @@ def request_machine(page_size: int) -> type[AllocatorMachine]:
             if live:
                 self._extend(live, lengths[: len(live)])
 
+        @rule()
+        def batch_decode(self) -> None:
+            """A scheduler step: every live request's window slides, then the whole running
+            batch decodes one token."""
+            for request in list(self.handles.values()):
+                self._evict(request, 0)
+            self._decode(list(self.handles.values()))
+
         @rule(picks=st.lists(requests, min_size=1, max_size=4))
         def decode(self, picks: list[int]) -> None:
             """One decode step for a batch of live requests."""
-            live = self._live(picks)
+            self._decode(self._live(picks))
+
+        def _decode(self, live: list[Request]) -> None:
             if not live:
                 return
             if not paged:
@@ -324,8 +361,10 @@ def request_machine(page_size: int) -> type[AllocatorMachine]:
             may stop `short` tokens before the boundary: free_swa must round it up to the
             whole page, as the SPEC says."""
             request = self.handles.get(pick)
-            if request is None:
-                return
+            if request is not None:
+                self._evict(request, short)
+
+        def _evict(self, request: Request, short: int) -> None:
             boundary = request.evict_boundary(self.window, ps)
             if boundary <= request.evict_floor:
                 return
@@ -334,7 +373,7 @@ def request_machine(page_size: int) -> type[AllocatorMachine]:
             self.release("free_swa", request.tokens[request.evict_floor : end])
             request.evict_floor = boundary
 
-        @rule(pick=requests, ending=st.sampled_from(ENDINGS))
+        @rule(pick=consumes(requests), ending=st.sampled_from(ENDINGS))
         def finish(self, pick: int, ending: str) -> None:
             """A request ends (ENDINGS says how)."""
             request = self.handles.pop(pick, None)

@@ -22,7 +22,7 @@ from properties.check import print_progress, run_check
 from properties.machines import MACHINES
 from properties.simulate import INJECTIONS, SimulationConfig, SimulationConfigError, simulate
 from properties.differential import differential_target
-from properties.targets import Target, TargetError, resolve_target
+from properties.targets import RESTRICTIONS, Target, TargetError, resolve_target, with_contract_changes
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 
@@ -44,11 +44,13 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_usage(args: argparse.Namespace) -> Target:
-    """The target to check: --target, or with --against both, call by call. Raises TargetError
-    for a target or device that cannot work, before any run starts."""
+    """The target to check: --target, or with --against both, call by call, under the contract
+    --relax / --restrict make of theirs. Raises TargetError for a target or device that cannot
+    work, before any run starts."""
     target = resolve_target(args.target)
     if args.against is not None:
         target = differential_target(target, resolve_target(args.against))
+    target = with_contract_changes(target, getattr(args, "relax", ()), getattr(args, "restrict", ()))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TargetError("--device cuda, but torch sees no CUDA device")
     return target
@@ -156,6 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TARGET",
         help="differential mode: run every program on both targets and report the first call after "
         "which they disagree (a returned value, a size, the free units or the mapping)",
+    )
+    check.add_argument(
+        "--relax",
+        action="append",
+        default=[],
+        choices=(*RESTRICTIONS, "all"),
+        metavar="RESTRICTION",
+        help="drop one restriction of the target's contract, to look for what it hides; 'all' drives "
+        f"the whole SPEC (repeatable; one of: {', '.join(RESTRICTIONS)})",
+    )
+    check.add_argument(
+        "--restrict",
+        action="append",
+        default=[],
+        choices=RESTRICTIONS,
+        metavar="RESTRICTION",
+        help="add a restriction to the target's contract, to mask a known finding and look for the next (repeatable)",
     )
     check.add_argument("--budget", type=parse_duration, default=60.0, help="seconds to spend (default 60)")
     check.add_argument("--seed", type=int, default=None, help="master seed, to repeat a check exactly")

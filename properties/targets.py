@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -74,6 +74,8 @@ class TargetContract:
         return [flag.name for flag in dataclasses.fields(self) if getattr(self, flag.name)]
 
 
+RESTRICTIONS = tuple(flag.name for flag in dataclasses.fields(TargetContract))
+
 SPEC_CONTRACT = TargetContract()
 
 SGLANG_CONTRACT = TargetContract(
@@ -100,6 +102,24 @@ class Target:
     name: str
     factory: Factory
     contract: TargetContract = SPEC_CONTRACT
+
+
+def with_contract_changes(target: Target, relax: Iterable[str] = (), restrict: Iterable[str] = ()) -> Target:
+    """`target` with the restrictions named in `relax` dropped ('all': every one), to look for
+    what they hide, and those named in `restrict` added, to mask a known finding and look past
+    it. The name says what changed."""
+    relaxed = set(RESTRICTIONS) if "all" in relax else set(relax)
+    unknown = sorted((relaxed | set(restrict)) - set(RESTRICTIONS))
+    if unknown:
+        raise TargetError(f"unknown contract restriction(s) {unknown}; known: {', '.join(RESTRICTIONS)}")
+    before = target.contract
+    after = TargetContract(
+        **{name: (getattr(before, name) and name not in relaxed) or name in restrict for name in RESTRICTIONS}
+    )
+    if after == before:
+        return target
+    changes = [("+" if getattr(after, name) else "-") + name for name in RESTRICTIONS if getattr(after, name) != getattr(before, name)]
+    return Target(f"{target.name} [{' '.join(changes)}]", target.factory, after)
 
 
 def reference_factory(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:

@@ -20,6 +20,8 @@ from properties.campaign_database import CampaignDatabaseError, DatabaseSpec
 from properties.campaign_resume import replay_finding
 from properties.check import print_progress, run_check
 from properties.machines import MACHINES
+from properties.mutants import MUTANTS
+from properties.selfcheck import MutantResult, run_selfcheck
 from properties.simulate import INJECTIONS, SimulationConfig, SimulationConfigError, simulate
 from properties.differential import differential_target
 from properties.targets import RESTRICTIONS, Target, TargetError, resolve_target, with_contract_changes
@@ -117,6 +119,23 @@ def command_fuzz(args: argparse.Namespace) -> int:
     return EXIT_FOUND if summary["new_findings"] or summary["still_failing"] else EXIT_CLEAN
 
 
+def command_selfcheck(args: argparse.Namespace) -> int:
+    check_usage(args)
+    names = args.mutant or list(MUTANTS)
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+
+    def show(result: MutantResult) -> None:
+        verdict = f"caught by {result.invariant}" if result.caught else "ESCAPED"
+        sys.stderr.write(f"[{names.index(result.name) + 1}/{len(names)}] {result.name}: {verdict}\n")
+
+    report = run_selfcheck(args.budget, args.device, seed, names, progress=show)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report.to_json(), out, indent=2)
+    print(report.explain())
+    return EXIT_CLEAN if report.passed else EXIT_FOUND
+
+
 def command_replay(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_dir():
@@ -211,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--interval", type=parse_duration, default=CampaignConfig.status_seconds,
                       help="seconds between JSON status lines when not on a terminal (default 10)")
     fuzz.set_defaults(handler=command_fuzz, against=None)
+
+    selfcheck = commands.add_parser(
+        "selfcheck", help="check every mutant of the reference allocator (each must be caught) and the reference"
+    )
+    selfcheck.add_argument("--budget", type=parse_duration, default=60.0, help="seconds per mutant and pass (default 60)")
+    selfcheck.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    selfcheck.add_argument("--seed", type=int, default=None, help="master seed, to repeat a self-check exactly")
+    selfcheck.add_argument("--mutant", action="append", choices=sorted(MUTANTS), default=None,
+                           help="check only this mutant (repeatable; default all)")
+    selfcheck.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    selfcheck.set_defaults(handler=command_selfcheck, target="reference", against=None)
 
     replay_command = commands.add_parser(
         "replay", help="re-run the canary's check on a snapshot it wrote, or a campaign finding (OUT/findings/ID)"

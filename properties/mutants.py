@@ -3,9 +3,10 @@ bug, used to check that the state machines and the invariant registry catch real
 
 Every mutant is a small subclass overriding one method (a free-group or pool bug may need
 the two or three methods that share the faulty bookkeeping). Its docstring names the bug
-class, the public report the class comes from (sgl-project/sglang unless said otherwise),
-and the invariant expected to fire first. A class that comes from the SPEC rather than a
-report says so.
+class and the public report it comes from (numbers are sgl-project/sglang pull requests
+and issues unless said otherwise); a class that comes from the SPEC rather than a report
+says so. `breaks` lists the invariants the bug breaks at the step where it shows: which of
+them a check reports first depends on the program that reaches it.
 
 Bugs that live inside a pool (merge, free-list order, the paged index arithmetic) are pool
 subclasses; `PoolMutant` gives both pools of the hybrid allocator the mutated class, as
@@ -31,9 +32,9 @@ from properties.targets import AllocatorConfig
 
 
 class Mutant(SWATokenToKVPoolAllocator):
-    """Base of every mutant: the invariant it should trip first, and its checked mode."""
+    """Base of every mutant: the invariants its bug breaks, and its checked mode."""
 
-    expected: str = ""
+    breaks: tuple[str, ...] = ()
     checked_mode: bool = True
 
 
@@ -61,11 +62,10 @@ class TailMapsNonTailSlots(Mutant):
     Here free slots always map to 0, so the pure "forgot to zero" omission is an equivalent
     mutant; this one gives the non-tail slots the same fault observably: it maps the whole
     page-padded SWA reservation (from the tail's page start) instead of only the tail.
-    Expected: CONTRACT (non-tail slots hold peers the model does not have), LEAK when the
-    request was already evicted past them.
+    Breaks CONTRACT (non-tail slots hold peers the model does not have).
     """
 
-    expected = "CONTRACT"
+    breaks = ("CONTRACT",)
 
     def _allocate_pair(self, full_reservation, swa_reservation, swa_tail=None):
         if swa_tail is None or swa_reservation is None:
@@ -92,10 +92,10 @@ class TailMapsPaddedEnd(Mutant):
     pages from the tail of the slot mapping"); sglang #24036 / #24857 introduced the
     page-padded SWA tail that this arithmetic works on. Whenever seq_len is not a multiple of
     the page size the tail lands at the wrong offsets.
-    Expected: PAGE.
+    Breaks PAGE.
     """
 
-    expected = "PAGE"
+    breaks = ("PAGE",)
 
     def _allocate_pair(self, full_reservation, swa_reservation, swa_tail=None):
         full_indices = super()._allocate_pair(full_reservation, swa_reservation, swa_tail)
@@ -116,10 +116,11 @@ class TailStartRoundedUp(Mutant):
     Report: sglang #29860 and #34870 (the page-aligned SWA eviction frontier advanced onto the
     live window and left a leaf without its full window), #24036 (the tail length derived from
     the page-floored window start).
-    Expected: WINDOW.
+    Breaks WINDOW when the dropped tokens are inside the window, and always shows as SWA
+    units the model allocated and the mutant did not (NODUP or CONSERVE).
     """
 
-    expected = "WINDOW"
+    breaks = ("WINDOW", "NODUP", "CONSERVE")
 
     def alloc_extend_swa_tail(
         self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens, swa_tail_len
@@ -142,11 +143,11 @@ class GroupResolvesAtEnd(Mutant):
     mapping was re-read at flush) and #36646 ("resolve SWA ownership at enqueue time").
     Checked mode off: the checked free_full refuses slots whose peers are still mapped, which
     they are here until the group ends, and sglang's free_full has no such check.
-    Expected: SWA_LE_FULL (live tokens keep peers on units the group already released) with
-    LEAK, or STALE (freed full slots keep their mapping).
+    Breaks SWA_LE_FULL and LEAK (window-evicted tokens keep peers on units the group already
+    released), or STALE (freed full slots keep their mapping).
     """
 
-    expected = "SWA_LE_FULL"
+    breaks = ("SWA_LE_FULL", "LEAK", "STALE")
     checked_mode = False
 
     def free_group_begin(self) -> None:
@@ -184,10 +185,11 @@ class GroupEndFlushesTwice(PoolMutant):
     free_group_end() (with no group open, which must raise) releases the same units again.
 
     Report: sglang #36739 ("calling free_group_end() twice released the same indices again").
-    Expected: NODUP (units listed twice in a free list).
+    Breaks CONTRACT (the stray end does not raise) and, after a group with frees, NODUP
+    (the units come back twice).
     """
 
-    expected = "NODUP"
+    breaks = ("CONTRACT", "NODUP")
     token_pool = type("TokenPoolFlushesTwice", (_FlagAndListDrift, TokenToKVPoolAllocator), {})
     paged_pool = type("PagedPoolFlushesTwice", (_FlagAndListDrift, PagedTokenToKVPoolAllocator), {})
 
@@ -197,11 +199,11 @@ class NestedBeginDropsPending(Mutant):
     dropping the frees deferred so far.
 
     Report: sglang #36646 ("reject nested free_group_begin(): a nested begin silently ...").
-    Expected: CONTRACT (the nested begin did not raise), then CONSERVE (the dropped units are
-    never freed).
+    Breaks CONTRACT (the nested begin does not raise); the dropped units are never freed
+    (CONSERVE) once the group ends.
     """
 
-    expected = "CONTRACT"
+    breaks = ("CONTRACT",)
 
     def free_group_begin(self) -> None:
         for pool in (self.full_attn_allocator, self.swa_attn_allocator):
@@ -214,11 +216,10 @@ class ClearLeavesGroupOpen(Mutant):
 
     Source: SPEC §1.3 (clear: "no free group open"); the flag/list drift of sglang #36739 is
     the same kind of state left behind.
-    Expected: CONTRACT (the allocator reports a free group the model does not have), then
-    CONSERVE.
+    Breaks CONTRACT (the allocator reports a free group the model does not have).
     """
 
-    expected = "CONTRACT"
+    breaks = ("CONTRACT",)
 
     def clear(self) -> None:
         was_open = self.in_free_group
@@ -250,10 +251,10 @@ class ExtendIgnoresLastPageContiguity(PoolMutant):
     Report: sglang #39040 (the paged allocation's last_loc read one row too early, so
     last_loc + 1 resolved to a slot already held and aliased a page); the alloc_extend kernel
     fixes #19780 / #19898 touched the same index arithmetic.
-    Expected: NODUP (an allocation returns a slot in use).
+    Breaks NODUP (an allocation returns a slot in use).
     """
 
-    expected = "NODUP"
+    breaks = ("NODUP",)
     paged_pool = _ResumesAtLastLoc
 
 
@@ -277,10 +278,11 @@ class DecodeWrongPageAtBoundary(PoolMutant):
 
     Report: sglang #39040 (the new-page decision used the wrong length), #31616 (EAGLE decode
     lengths not page-aligned).
-    Expected: NODUP (a slot in use handed out, or a unit both free and allocated).
+    Breaks NODUP (a slot of a page it does not own) or CONSERVE (a page the model did not
+    take), and WINDOW when the new token lands on a page without an SWA peer.
     """
 
-    expected = "NODUP"
+    breaks = ("NODUP", "CONSERVE", "WINDOW")
     paged_pool = _DecodesOnLengthAfterStep
 
 
@@ -296,10 +298,11 @@ class MergeForgetsStaged(PoolMutant):
 
     Report: sglang #37146 (deferred release chunks that every merge and available_size must
     include), on the release_pages staging of sglang #8133.
-    Expected: CONSERVE.
+    Breaks CONSERVE (units neither free nor in use); SWA_LE_FULL when the lost units are SWA
+    units the probes see as orphaned.
     """
 
-    expected = "CONSERVE"
+    breaks = ("CONSERVE", "SWA_LE_FULL")
     token_pool = type("TokenPoolMergeDropsStaged", (_MergeDropsStaged, TokenToKVPoolAllocator), {})
     paged_pool = type("PagedPoolMergeDropsStaged", (_MergeDropsStaged, PagedTokenToKVPoolAllocator), {})
 
@@ -311,10 +314,10 @@ class NonAtomicPair(Mutant):
     Report: sglang #35338 ("full-attention pages were allocated before SWA pages; if the SWA
     allocation failed, the full allocator had already consumed pages"); the check-after-use
     order of #22035 / #30892 / #34399 in the paged kernels.
-    Expected: ATOMIC.
+    Breaks ATOMIC.
     """
 
-    expected = "ATOMIC"
+    breaks = ("ATOMIC",)
 
     def _allocate_pair(self, full_reservation, swa_reservation, swa_tail=None):
         full, swa = self.full_attn_allocator, self.swa_attn_allocator
@@ -334,10 +337,11 @@ class SwaLastLocUntranslated(Mutant):
     spaces diverge).
     Checked mode off: the checked SWA pool rejects a last_loc on a page it has not allocated,
     which would stop the bug before the mapping shows it.
-    Expected: PAGE (the SWA side continues on another page or offset), NODUP or SWA_LE_FULL.
+    Breaks PAGE (the SWA side continues on another page or offset), SWA_LE_FULL (peers on
+    free or foreign SWA slots) or CONSERVE.
     """
 
-    expected = "PAGE"
+    breaks = ("PAGE", "SWA_LE_FULL", "CONSERVE")
     checked_mode = False
 
     def _swa_last_loc(self, prefix_lens: torch.Tensor, last_loc: torch.Tensor) -> torch.Tensor:
@@ -359,10 +363,10 @@ class TokenFreeGoesToFront(PoolMutant):
 
     Source: SPEC §1.1 / §1.2 (the free-list order is part of the contract); a refactor that
     shares one free routine between the token and the paged pool makes exactly this change.
-    Expected: CONTRACT (only the order of handed-out slots differs).
+    Breaks CONTRACT (only the order of handed-out slots differs).
     """
 
-    expected = "CONTRACT"
+    breaks = ("CONTRACT",)
     token_pool = _FreesToFront
 
 
@@ -373,10 +377,11 @@ class FreeSwaTokenGranular(Mutant):
 
     Report: sglang #27779 ("Fix paged SWA free mapping cleanup"), the root of #27789 (SWA pool
     leak with spec decoding and page_size > 1).
-    Expected: SWA_LE_FULL (tokens map to a free SWA slot); LEAK with it.
+    Breaks LEAK (tokens behind the evict floor keep their peers) and SWA_LE_FULL (those
+    peers are on a free SWA page).
     """
 
-    expected = "SWA_LE_FULL"
+    breaks = ("LEAK", "SWA_LE_FULL")
 
     def _release_swa_peers(self, free_index: torch.Tensor) -> None:
         if free_index.numel() == 0:
@@ -395,10 +400,10 @@ class FreeSwaReleasesPad(Mutant):
     free)"); #36637 on the filter being all that kept the padding slot out of the free list.
     Checked mode off: the checked pool would reject the padding unit as out of range before
     it could reach the free list, and sglang's segment path has no such check.
-    Expected: PAD.
+    Breaks PAD.
     """
 
-    expected = "PAD"
+    breaks = ("PAD",)
     checked_mode = False
 
     def _release_swa_peers(self, free_index: torch.Tensor) -> None:
@@ -418,10 +423,11 @@ class FreeKeepsMapping(Mutant):
 
     Report: sglang #27586 (a stale entry pointed at an SWA slot already reused, so free_swa
     freed a live slot) and #25385 ("Fix stale full <-> SWA token mappings").
-    Expected: SWA_LE_FULL (entries on free SWA slots), STALE with it.
+    Breaks STALE (free full slots keep their mapping), with SWA_LE_FULL (entries on free SWA
+    slots).
     """
 
-    expected = "SWA_LE_FULL"
+    breaks = ("STALE", "SWA_LE_FULL")
 
     def free(self, free_index: torch.Tensor) -> None:
         full = self.full_attn_allocator
@@ -438,10 +444,11 @@ class RestoreSkipsMapping(Mutant):
 
     Report: sglang #23237 (review: the mapping part of a restore_state was restored by a
     fragile rule and could be left wrong); #32709 removed the never-tested backup/restore pair.
-    Expected: SWA_LE_FULL (entries pointing at SWA slots that are free again), STALE with it.
+    Breaks SWA_LE_FULL (entries pointing at SWA slots that are free again), and STALE when
+    the restored full pool has freed their slots.
     """
 
-    expected = "SWA_LE_FULL"
+    breaks = ("SWA_LE_FULL", "STALE")
 
     def restore_state(self, state: SWAState) -> None:
         self.full_attn_allocator.restore_state(state.full)
@@ -455,10 +462,10 @@ class ClearDropsSentinel(Mutant):
     Source: SPEC §1.3 (the sentinel -1 "nothing may ever overwrite"); the mapping length
     size + page_size + 1 that holds it comes from sgl-project/sglang-jax commit 2824472 ("Fix
     mapping OOB: mapping_size = size + page_size").
-    Expected: SENTINEL.
+    Breaks SENTINEL.
     """
 
-    expected = "SENTINEL"
+    breaks = ("SENTINEL",)
 
     def clear(self) -> None:
         self.full_attn_allocator.clear()
@@ -472,10 +479,10 @@ class TranslateOffByOne(Mutant):
 
     Source: SPEC §1.3 (translate_loc_from_full_to_swa(idx) = mapping[idx], -1 -> -1 through
     the sentinel); the sentinel slot is the one sglang-jax 2824472 added past size + page_size.
-    Expected: XLAT.
+    Breaks XLAT.
     """
 
-    expected = "XLAT"
+    breaks = ("XLAT",)
 
     def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
         return self.full_to_swa_index_mapping[:-1][kv_indices]
@@ -487,10 +494,10 @@ class AvailableUsesMax(Mutant):
 
     Report: sglang #10122 (a hybrid available_size that combined the two pools' sizes
     instead of taking the minimum), #15867 (the hybrid available_size path was missing).
-    Expected: AVAIL.
+    Breaks AVAIL.
     """
 
-    expected = "AVAIL"
+    breaks = ("AVAIL",)
 
     def available_size(self) -> int:
         return max(self.full_available_size(), self.swa_available_size())

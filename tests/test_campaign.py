@@ -1,0 +1,274 @@
+"""Campaigns end to end: real worker processes, signals, a shared database, exported findings.
+
+The broken target is tests/broken.py's KeepsMappingOnFreeSwa (free leaves the mapping
+pointing at released SWA slots): SlotMachine finds it within a second or two. Campaigns run
+either as `swa-canary fuzz` subprocesses (signals, exit codes) or in this process with a
+display that records every line. The Redis tests start their own redis-server on a free
+loopback port and skip when it is not installed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+import broken
+from allocator import SWATokenToKVPoolAllocator
+from properties.campaign import CampaignConfig, run_campaign
+from properties.campaign_database import DatabaseSpec, ResilientRedisDatabase
+from properties.campaign_progress import ProgressDisplay
+from properties.export import REPORT_NAME, exported_findings, load_report
+from properties.targets import AllocatorConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+BROKEN = "test_campaign:keeps_mapping_on_free"
+FAST = ("SlotMachine",)
+
+
+def keeps_mapping_on_free(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
+    return broken.KeepsMappingOnFreeSwa(
+        config.size, config.size_swa, config.page_size, config.dtype, config.device, need_sort=config.need_sort, checked=True
+    )
+
+
+# ------------------------------------------------------------------ running campaigns
+class Cli:
+    """`swa-canary fuzz` in a subprocess; its JSON lines, read as they come."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "properties.cli", "fuzz", "--interval", "0.3", *args],
+            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: queue.Queue = queue.Queue()
+        self.records: list[dict] = []
+        self.errors: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(json.loads(line)) for line in self.process.stdout], daemon=True).start()
+        threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True).start()
+
+    def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                record = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.records.append(record)
+            if predicate(record):
+                return record
+        self.process.kill()
+        raise AssertionError(f"no such record within {timeout}s; stderr:\n{''.join(self.errors)[-3000:]}")
+
+    def stop(self) -> tuple[dict, int]:
+        """SIGINT; the summary and the exit code."""
+        self.process.send_signal(signal.SIGINT)
+        summary = self.wait_for(lambda record: record["event"] == "summary", timeout=30)
+        return summary, self.process.wait(timeout=30)
+
+
+class Recorder(ProgressDisplay):
+    """Keeps every record; sends this process SIGINT (the campaign's own stop) on the first
+    record `stop_on` accepts."""
+
+    def __init__(self, stop_on: Callable[[dict], bool] = lambda record: False) -> None:
+        self.text = io.StringIO()
+        super().__init__(interval=0.5, stream=self.text, tty=False)
+        self.stop_on = stop_on
+        self.stopped = False
+
+    def event(self, record: dict) -> None:
+        super().event(record)
+        if not self.stopped and self.stop_on(record):
+            self.stopped = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    @property
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.text.getvalue().splitlines()]
+
+    def events(self, kind: str) -> list[dict]:
+        return [record for record in self.records if record["event"] == kind]
+
+
+def is_finding(record: dict) -> bool:
+    return record["event"] == "finding"
+
+
+def campaign(out: Path, target: str = BROKEN, stop_on=is_finding, **options) -> tuple[dict, Recorder]:
+    recorder = Recorder(stop_on)
+    config = CampaignConfig(target=target, duration=options.pop("duration", 60.0), workers=1, out=out, machines=FAST,
+                            status_seconds=0.5, **options)
+    return run_campaign(config, recorder), recorder
+
+
+@dataclass
+class BrokenRun:
+    out: Path
+    finding: dict
+    summary: dict
+    returncode: int
+    stop_seconds: float
+
+
+@pytest.fixture(scope="module")
+def broken_run(tmp_path_factory: pytest.TempPathFactory) -> BrokenRun:
+    """One CLI campaign against the broken target, stopped with SIGINT after its first finding."""
+    out = tmp_path_factory.mktemp("broken") / "out"
+    cli = Cli("--target", BROKEN, "--workers", "1", "--machine", "SlotMachine", "--out", str(out))
+    finding = cli.wait_for(is_finding)
+    sent = time.monotonic()
+    summary, returncode = cli.stop()
+    return BrokenRun(out, finding, summary, returncode, time.monotonic() - sent)
+
+
+# ------------------------------------------------------------------ the tests
+def test_sigint_ends_with_a_summary_and_an_intact_database(broken_run: BrokenRun) -> None:
+    summary = broken_run.summary
+    assert summary["stopped_by"] == "SIGINT" and broken_run.returncode == 1
+    assert broken_run.stop_seconds < 15
+    assert broken_run.finding["id"] in summary["new_findings"] and summary["steps"] > 0
+    assert summary["calls"]["alloc"] > 0 and summary["examples"] > 0
+    findings = broken_run.out / "findings"
+    assert [path.name for path in findings.iterdir()] == [path.name for path in exported_findings(findings)]
+    examples = [path for path in (broken_run.out / "examples").rglob("*") if path.is_file()]
+    assert examples and all(path.stat().st_size > 0 for path in examples)
+
+
+def test_the_exported_finding_fails_on_the_broken_allocator_and_passes_on_the_reference(broken_run: BrokenRun) -> None:
+    directory = Path(broken_run.finding["path"])
+    report = load_report(directory)
+    assert report["kind"] == "violation" and report["target"] == BROKEN and report["machine"] == "SlotMachine"
+    assert report["calls"]["calls"] and report["program"].startswith("state = SlotMachine()")
+    pytest_file = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(directory), report["test"]]
+    on_broken = subprocess.run(pytest_file, cwd=directory, env=ENV, capture_output=True, text=True)
+    assert on_broken.returncode == 1, on_broken.stdout[-2000:]
+    on_reference = subprocess.run(pytest_file, cwd=directory, env={**ENV, "SWA_TARGET": "reference"}, capture_output=True, text=True)
+    assert on_reference.returncode == 0, on_reference.stdout[-2000:]
+    replay = subprocess.run([sys.executable, "-m", "properties.cli", "replay", str(directory)], env=ENV, capture_output=True)
+    assert replay.returncode == 1
+
+
+def test_a_resumed_campaign_replays_known_failures(broken_run: BrokenRun, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(broken_run.out, out)
+    known = broken_run.finding["id"]
+    summary, recorder = campaign(out)
+    (resume,) = recorder.events("resume")
+    assert known in resume["still_failing"] and resume["fixed"] == []
+    first = recorder.events("finding")[0]
+    assert (first["id"], first["via"], first["new"]) == (known, "database", False)
+    assert known in summary["still_failing"]
+
+    summary, recorder = campaign(out, target="reference", duration=0.0)
+    assert known in recorder.events("resume")[0]["fixed"] and summary["still_failing"] == []
+
+
+def test_a_worker_killed_mid_run_is_replaced(tmp_path: Path) -> None:
+    cli = Cli("--target", "reference", "--workers", "1", "--machine", "SlotMachine", "--out", str(tmp_path))
+    running = cli.wait_for(lambda record: record["event"] == "status" and record["steps"] > 0 and record["pids"])
+    (victim,) = running["pids"]
+    os.kill(victim, signal.SIGKILL)
+    crash = cli.wait_for(lambda record: record["event"] == "crash")
+    assert (crash["pid"], crash["status"], crash["machine"]) == (victim, "SIGKILL", "SlotMachine")
+    replaced = cli.wait_for(lambda record: record["event"] == "status" and record["workers"] == 1 and record["restarts"] == 1)
+    assert victim not in replaced["pids"]
+    cli.wait_for(lambda record: record["event"] == "status" and record["steps"] > replaced["steps"])
+    summary, returncode = cli.stop()
+    assert (summary["crashes"], summary["restarts"], returncode) == (1, 1, 1)
+    report = json.loads((Path(crash["path"]) / REPORT_NAME).read_text())
+    assert (report["kind"], report["seed"], report["exitcode"]) == ("crash", crash["seed"], -signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ Redis
+class RedisServer:
+    def __init__(self, directory: Path) -> None:
+        self.executable = shutil.which("redis-server")
+        if self.executable is None:
+            pytest.skip("redis-server is not on PATH (apt-get install redis-server)")
+        self.redis = pytest.importorskip("redis", reason="the redis extra is not installed (pip install '.[redis]')")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.directory = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )
+        client = self.redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except self.redis.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+    def fetch(self, key: bytes) -> set[bytes]:
+        from hypothesis.extra.redis import RedisExampleDatabase
+
+        return set(RedisExampleDatabase(self.redis.Redis(port=self.port)).fetch(key))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_redis_outage_loses_nothing(redis_server: RedisServer, tmp_path: Path) -> None:
+    logs: list[str] = []
+    local = DirectoryBasedExampleDatabase(tmp_path / "local")
+    database = ResilientRedisDatabase(local, redis_server.url, retry_seconds=0.0, log=logs.append)
+    database.save(b"k", b"before")
+    assert redis_server.fetch(b"k") == {b"before"}
+
+    redis_server.stop()
+    database.save(b"k", b"during")
+    database.delete(b"k", b"before")
+    database.save(b"other", b"during")
+    assert set(database.fetch(b"k")) == {b"during"} and len(logs) == 1 and "failed" in logs[0]
+
+    redis_server.start()
+    database.save(b"later", b"after")
+    assert len(logs) == 2 and "back" in logs[1]
+    assert [redis_server.fetch(key) for key in (b"k", b"other", b"later")] == [{b"during"}, {b"during"}, {b"after"}]
+    assert set(local.fetch(b"later")) == {b"after"}
+
+
+def test_two_campaigns_sharing_redis_see_each_others_findings(redis_server: RedisServer, tmp_path: Path) -> None:
+    shared = DatabaseSpec.parse(redis_server.url, tmp_path / "first")
+    _, first = campaign(tmp_path / "first", database=shared)
+    found = first.events("finding")[0]
+    assert found["via"] == "search"
+
+    _, second = campaign(tmp_path / "second", database=DatabaseSpec.parse(redis_server.url, tmp_path / "second"))
+    seen = second.events("finding")[0]
+    assert (seen["id"], seen["via"], seen["new"]) == (found["id"], "database", True)
+    assert (tmp_path / "second" / "findings" / found["id"] / REPORT_NAME).is_file()

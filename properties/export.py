@@ -266,7 +266,9 @@ def run_regression(source: str, filename: str, factory: Factory, device: str) ->
     exec(compile(source, filename, "exec"), namespace)
     try:
         namespace["replay"](factory, device)
-    except Exception as error:  # an assertion, or the allocator raising: the program fails either way
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:  # an assertion, pytest.raises' Failed (a BaseException), the allocator raising
         return f"{type(error).__name__}: {error}"
     return None
 

@@ -47,6 +47,10 @@ INTERRUPT_SECONDS = 1.0
 """How long stopping workers may go on with their current run before it is interrupted."""
 
 
+class CampaignConfigError(ValueError):
+    """A campaign that cannot run as configured."""
+
+
 @dataclass(frozen=True)
 class CampaignConfig:
     target: str = "reference"
@@ -64,6 +68,19 @@ class CampaignConfig:
     reuse_seconds: float = 300.0
     grace_seconds: float = 15.0
     """How long stopping workers may take before they are terminated."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.machines) - set(MACHINES))
+        problems = [
+            "workers must be at least 1" if self.workers < 1 else "",
+            "duration must not be negative" if self.duration < 0 else "",
+            "examples per run must be at least 1" if self.examples_per_run < 1 else "",
+            "no machine to run" if not self.machines else "",
+            f"unknown machines {unknown} (known: {sorted(MACHINES)})" if unknown else "",
+        ]
+        problems = [problem for problem in problems if problem]
+        if problems:
+            raise CampaignConfigError("; ".join(problems))
 
     @property
     def findings_dir(self) -> Path:

@@ -15,7 +15,7 @@ from canary.divergence import DivergenceInputError
 from canary.probes import ProbeInputError
 from canary.snapshot import Snapshot, SnapshotError, replay
 from canary.sweep import SweepInputError
-from properties.campaign import CampaignConfig, run_campaign
+from properties.campaign import CampaignConfig, CampaignConfigError, run_campaign
 from properties.campaign_database import CampaignDatabaseError, DatabaseSpec
 from properties.campaign_resume import replay_finding
 from properties.check import print_progress, run_check
@@ -99,21 +99,21 @@ def command_simulate(args: argparse.Namespace) -> int:
 def command_fuzz(args: argparse.Namespace) -> int:
     check_usage(args)
     out = Path(args.out)
-    config = CampaignConfig(
-        target=args.target,
-        device=args.device,
-        duration=args.duration,
-        workers=args.workers,
-        out=out,
-        database=DatabaseSpec.parse(args.db, out),
-        seed=args.seed,
-        machines=tuple(args.machine or sorted(MACHINES)),
-        examples_per_run=args.examples_per_run,
-        status_seconds=args.interval,
-    )
     try:
+        config = CampaignConfig(
+            target=args.target,
+            device=args.device,
+            duration=args.duration,
+            workers=args.workers,
+            out=out,
+            database=DatabaseSpec.parse(args.db, out),
+            seed=args.seed,
+            machines=tuple(args.machine or sorted(MACHINES)),
+            examples_per_run=args.examples_per_run,
+            status_seconds=args.interval,
+        )
         summary = run_campaign(config)
-    except CampaignDatabaseError as error:
+    except (CampaignConfigError, CampaignDatabaseError) as error:
         print(f"swa-canary: {error}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_FOUND if summary["new_findings"] or summary["still_failing"] else EXIT_CLEAN

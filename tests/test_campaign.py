@@ -272,3 +272,21 @@ def test_two_campaigns_sharing_redis_see_each_others_findings(redis_server: Redi
     seen = second.events("finding")[0]
     assert (seen["id"], seen["via"], seen["new"]) == (found["id"], "database", True)
     assert (tmp_path / "second" / "findings" / found["id"] / REPORT_NAME).is_file()
+
+
+def test_on_a_terminal_progress_is_one_line_redrawn_in_place() -> None:
+    stream = io.StringIO()
+    display = ProgressDisplay(interval=10.0, stream=stream, tty=True)
+    status = {"elapsed": 3.0, "duration": 60.0, "workers": 2, "examples": 40, "steps": 1234, "steps_per_s": 411.0,
+              "calls": {"alloc": 9, "free": 3}, "events": {"window slide freed SWA slots": 2}, "findings": 0, "crashes": 0}
+    display.status(status)
+    display.event({"event": "finding", "new": True, "severity": "FATAL", "invariant": "STALE", "machine": "SlotMachine",
+                   "seed": 5, "via": "search", "path": "out/findings/stale-1"})
+    display.status({**status, "steps": 2000, "findings": 1}, force=True)
+    display.close()
+    lines = stream.getvalue().split("\n")
+    assert len(lines) == 3 and lines[-1] == "" and "{" not in stream.getvalue()
+    assert lines[0].endswith("FATAL STALE in SlotMachine (seed 5, via search): out/findings/stale-1")
+    shown = lines[1].split("\r\x1b[K")[-1]
+    assert shown.startswith("[      3s / 60s] 2 workers") and "2,000 steps" in shown and "1 findings" in shown
+    assert "2 calls, 1 events covered" in shown

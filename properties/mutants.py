@@ -286,25 +286,24 @@ class DecodeWrongPageAtBoundary(PoolMutant):
     paged_pool = _DecodesOnLengthAfterStep
 
 
-class _MergeDropsStaged(FreeListAllocator):
+class _MergeKeepsStaged(FreeListAllocator):
     def merge_and_sort_free(self) -> None:
-        self.free_pages = torch.sort(self.free_pages).values
-        self.release_pages = self._empty()
+        self.free_pages = torch.sort(torch.cat((self.free_pages, self.release_pages))).values
 
 
 class MergeForgetsStaged(PoolMutant):
-    """Bug class: the need_sort merge sorts the ready list and empties the staging list
-    without moving the staged units over, so they are never free again.
+    """Bug class: the need_sort merge sorts the staged units into the ready list but forgets
+    the staging list itself, so every staged unit is free twice and can be handed out twice.
 
-    Report: sglang #37146 (deferred release chunks that every merge and available_size must
-    include), on the release_pages staging of sglang #8133.
-    Breaks CONSERVE (units neither free nor in use); SWA_LE_FULL when the lost units are SWA
-    units the probes see as orphaned.
+    Report: sglang #37146 (deferred release chunks, materialised into the free list when an
+    allocation runs short, that must then leave the pending list), on the release_pages
+    staging of sglang #8133.
+    Breaks NODUP (units in both lists) and CONSERVE (available_size counts them twice).
     """
 
-    breaks = ("CONSERVE", "SWA_LE_FULL")
-    token_pool = type("TokenPoolMergeDropsStaged", (_MergeDropsStaged, TokenToKVPoolAllocator), {})
-    paged_pool = type("PagedPoolMergeDropsStaged", (_MergeDropsStaged, PagedTokenToKVPoolAllocator), {})
+    breaks = ("NODUP", "CONSERVE")
+    token_pool = type("TokenPoolMergeKeepsStaged", (_MergeKeepsStaged, TokenToKVPoolAllocator), {})
+    paged_pool = type("PagedPoolMergeKeepsStaged", (_MergeKeepsStaged, PagedTokenToKVPoolAllocator), {})
 
 
 class NonAtomicPair(Mutant):

@@ -1,14 +1,16 @@
 """Mutation self-check: the state machines catch every mutant of the reference allocator by
-a named invariant (never only by a crash), and the mutants between them fire every
-invariant of the registry.
+a named invariant (never only by a crash), a differential check against the reference
+catches each one too, and the mutants between them fire every invariant of the registry.
 
 The checks run without shrinking (the time to detect is seconds; shrinking would cost
-minutes) under one fixed master seed, so each test sees the same programs on every run.
-`swa-canary selfcheck` runs the same mutants with shrinking and prints the minimal programs.
+minutes) under one fixed master seed, so each test sees the same programs on every run, and
+a check's report is computed once per process. `swa-canary selfcheck` runs the same mutants
+with shrinking and prints the minimal programs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -16,16 +18,22 @@ import pytest
 from canary.probes import INVARIANTS
 from properties.check import CheckReport, run_check
 from properties.cli import main
+from properties.differential import differential_target
 from properties.mutants import MUTANTS, Mutant, mutant_factory
-from properties.selfcheck import run_selfcheck
+from properties.targets import as_target
 
 SEED = 1
 BUDGET = 60.0
 """A cap, not a duration: every mutant is caught within a few seconds on a CI core."""
 
 
-def check_mutant(name: str) -> CheckReport:
-    return run_check(mutant_factory(name), budget=BUDGET, seed=SEED, shrink=False)
+@functools.cache
+def check_mutant(name: str, differential: bool = False) -> CheckReport:
+    """The mutant checked alone, or (differential) the reference checked call by call against it."""
+    target = as_target(mutant_factory(name))
+    if differential:
+        target = differential_target(as_target("reference"), target)
+    return run_check(target, budget=BUDGET, seed=SEED, shrink=False)
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
@@ -39,15 +47,24 @@ def test_mutant_is_caught_by_an_invariant_it_breaks(name: str) -> None:
     )
 
 
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_differential_check_against_the_reference_catches_the_mutant(name: str) -> None:
+    # The reference is the side the machines' own checks read: only the comparison sees the bug.
+    finding = check_mutant(name, differential=True).finding
+    assert finding is not None, f"the differential check missed {name}"
+    assert finding.invariant == "DIFFERENTIAL", finding.explain()
+
+
 def test_every_registered_invariant_is_fired_by_some_mutant() -> None:
     first: dict[str, list[str]] = {}
     anywhere: dict[str, list[str]] = {}
     for name in MUTANTS:
-        finding = check_mutant(name).finding
-        assert finding is not None, f"{name} escaped"
-        first.setdefault(finding.invariant, []).append(name)
-        for invariant in finding.invariants:
-            anywhere.setdefault(invariant, []).append(name)
+        for differential in (False, True):
+            finding = check_mutant(name, differential).finding
+            assert finding is not None, f"{name} escaped{' the differential check' if differential else ''}"
+            first.setdefault(finding.invariant, []).append(name)
+            for invariant in finding.invariants:
+                anywhere.setdefault(invariant, []).append(name)
     missing = sorted(set(INVARIANTS) - set(anywhere))
     assert not missing, f"no mutant fires {missing}; fired first: {first}; fired anywhere: {anywhere}"
 
@@ -75,10 +92,14 @@ def test_selfcheck_reports_caught_mutants_and_a_clean_reference(tmp_path) -> Non
     ]
 
 
-def test_selfcheck_fails_when_a_mutant_escapes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_selfcheck_fails_when_a_mutant_escapes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path
+) -> None:
     # The bare Mutant class is the reference itself: an equivalent mutant nothing can catch.
     monkeypatch.setitem(MUTANTS, "equivalent", Mutant)
-    report = run_selfcheck(budget=2, seed=SEED, names=["equivalent"])
-    assert report.escaped == ["equivalent"] and not report.passed
-    assert "ESCAPED: equivalent" in report.explain()
-    assert main(["selfcheck", "--budget", "2", "--seed", str(SEED), "--mutant", "equivalent"]) == 1
+    out = tmp_path / "selfcheck.json"
+    code = main(["selfcheck", "--budget", "1", "--seed", str(SEED), "--mutant", "equivalent", "--json", str(out)])
+    summary = json.loads(out.read_text())["summary"]
+    assert code == 1
+    assert summary["escaped"] == ["equivalent"] and summary["kill_rate"] == 0.0 and summary["reference_clean"]
+    assert "ESCAPED: equivalent" in capsys.readouterr().out

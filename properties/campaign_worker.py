@@ -105,19 +105,30 @@ def count_events(statistics: dict, into: Counter) -> None:
 class Reporter:
     """Sends to the coordinator. A thread sends the progress made since the last report every
     `every` seconds, so a long shrink still shows steps. Counters are copied with one
-    `dict.update` each, which the interpreter does without switching threads."""
+    `dict.update` each, which the interpreter does without switching threads.
+
+    If the coordinator is gone (killed: the pipe breaks, or this process is re-parented), the
+    worker is `orphaned`: the thread interrupts the run in progress and the worker stops,
+    instead of fuzzing on with no one to report to."""
 
     def __init__(self, conn: Connection, stats: Stats, events: Counter, every: float) -> None:
         self.conn, self.stats, self.events, self.every = conn, stats, events, every
         self.lock = threading.Lock()
         self.sent = (0, 0, Counter(), Counter())
+        self.parent = os.getppid()
+        self.orphaned = False
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._report_periodically, daemon=True)
         self.thread.start()
 
     def send(self, message: dict) -> None:
         with self.lock:
-            self.conn.send(message)
+            if self.orphaned:
+                return
+            try:
+                self.conn.send(message)
+            except OSError:
+                self.orphaned = True
 
     def progress(self) -> dict:
         now = (self.stats.programs, self.stats.steps, Counter(self.stats.calls), Counter(self.events))
@@ -133,15 +144,18 @@ class Reporter:
 
     def _report_periodically(self) -> None:
         while not self.done.wait(self.every):
-            with self.lock:
-                self.conn.send(self.progress())
+            if os.getppid() != self.parent:
+                self.orphaned = True
+            self.send(self.progress())
+            if self.orphaned:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
 
     def close(self) -> None:
         self.done.set()
         self.thread.join()
-        with self.lock:
-            self.conn.send(self.progress())
-            self.conn.send({"type": "stopped"})
+        self.send(self.progress())
+        self.send({"type": "stopped"})
 
 
 class Interruptible:
@@ -168,7 +182,8 @@ class Interruptible:
 
 
 def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> None:
-    """The worker process: run until `stop` is set (or SIGUSR1); report through `conn`."""
+    """The worker process: run until `stop` is set (or SIGUSR1, or the coordinator is gone);
+    report through `conn`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.dup2(2, 1)
     interruptible = Interruptible()
@@ -180,12 +195,12 @@ def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> 
     reporter = Reporter(conn, stats, events, plan.report_seconds)
     started = time.monotonic()
     last_database_pass = None
-    while not stop.is_set():
+    while not (stop.is_set() or reporter.orphaned):
         which = SEARCH
         if last_database_pass is None or time.monotonic() - last_database_pass >= plan.reuse_seconds:
             which, last_database_pass = DATABASE, time.monotonic()
         for index, name in enumerate(plan.machines):
-            if stop.is_set():
+            if stop.is_set() or reporter.orphaned:
                 break
             run_seed = rng.randrange(2**32)
             current[:] = [index, run_seed, which]

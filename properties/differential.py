@@ -20,8 +20,7 @@ from typing import Any
 
 import torch
 
-from canary.probes import AllocatorView, InvariantViolation
-from properties.checks import violation
+from canary.probes import INVARIANTS, AllocatorView, InvariantViolation, Violation
 from properties.targets import AllocatorConfig, Target
 
 # What the machines and probes read from an allocator without calling it; read from the first.
@@ -124,7 +123,7 @@ class DifferentialAllocator:
         outcomes = [_outcome(side, method, _copied(args)) for side in self.sides]
         differences = _outcome_differences(outcomes, self.names)
         if differences:
-            self._raise(what, differences)
+            self._raise(f"in {what}", differences)
         raised = outcomes[0][1]
         if isinstance(raised, BaseException):
             raise raised  # both raised: not a difference, the first's error stands for the call
@@ -136,7 +135,7 @@ class DifferentialAllocator:
         outcomes = [_outcome(side, method, _copied(args)) for side in self.sides]
         differences = _outcome_differences(outcomes, self.names)
         if differences:
-            self._raise(what, differences)
+            self._raise(f"in {what}", differences)
         if isinstance(outcomes[0][1], BaseException):
             raise outcomes[0][1]
         return outcomes[0][0]
@@ -169,7 +168,9 @@ class DifferentialAllocator:
         return f"({self.names[0]} {values[0]}, {self.names[1]} {values[1]})"
 
     def _raise(self, what: str, differences: list[str]) -> None:
-        raise InvariantViolation([violation("DIFFERENTIAL", [], f"{what}: {'; '.join(differences)}")])
+        detail = f"difference{'s' if len(differences) > 1 else ''} {what}: {'; '.join(differences)}"
+        severity = INVARIANTS["DIFFERENTIAL"].severity
+        raise InvariantViolation([Violation("DIFFERENTIAL", severity, len(differences), [], detail)])
 
 
 def _outcome(side: Any, method: str, args: tuple) -> tuple[Any, BaseException | None]:

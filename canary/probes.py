@@ -10,8 +10,10 @@ How a probe reports. A probe is a set of *checks* (its sub-conditions), each mar
 offending items in its own index space: full tokens, SWA slots, SWA units, free-list units,
 or a computed amount. A packed row is [count, code_1 .. code_K], -1-padded; a code carries
 the check's tag and the item, so that `ProbeResults.read` can say which check each item
-breaks. The first K items are found with one cumulative sum over the row's flags and one
-scatter (O(n), nothing of data-dependent shape).
+breaks. `canary._probe_plan` lists every check and its index space. Two implementations
+pack identical rows: a short sequence of torch operations (`canary._probes_torch`, any
+device) and fused Triton kernels (`canary._probes_triton`, CUDA); both are free of
+data-dependent shapes.
 
 What allocator state alone can show (units are slots at page size 1, pages otherwise):
   SENTINEL  mapping[-1] == -1.
@@ -33,14 +35,16 @@ What allocator state alone can show (units are slots at page size 1, pages other
 from __future__ import annotations
 
 import enum
-import functools
 import operator
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterable, Literal, Sequence
 
 import torch
 from torch import Tensor
+
+from canary import _probes_torch
+from canary._probe_plan import CHECK_DETAILS, decode, host_findings, plan, put_findings
 
 
 class Severity(enum.Enum):
@@ -235,300 +239,6 @@ def _describe_value(value: object) -> str:
     return type(value).__name__
 
 
-# ----------------------------------------------------------------- packed codes
-# A code is (tag << _TAG_SHIFT) + item + 1: items are >= -1 (free-list histograms report
-# negative entries as -1), so codes are >= 0 and never collide with the -1 padding.
-_TAG_SHIFT = 40
-
-
-def _encode(tag: int, item: int) -> int:
-    return (tag << _TAG_SHIFT) + item + 1
-
-
-def _decode(code: int) -> tuple[int, int]:
-    return code >> _TAG_SHIFT, (code & ((1 << _TAG_SHIFT) - 1)) - 1
-
-
-@dataclass(frozen=True)
-class _Flags:
-    """One check's verdict over a run of items: flags[i] marks item `first + i`."""
-
-    tag: int
-    flags: Tensor
-    first: int = 0
-
-
-@dataclass(frozen=True)
-class _Amounts:
-    """Verdicts on a few computed amounts: flags[i] marks the item coded as codes[i]."""
-
-    flags: Tensor
-    codes: Tensor
-
-
-@dataclass(frozen=True)
-class _Finding:
-    """A check that failed on host-known values (sizes): no device work needed."""
-
-    tag: int
-    item: int
-
-
-@dataclass
-class _Verdict:
-    """What one probe found: item runs (collected for all probes at once), or host-known
-    findings plus a few computed amounts (collected per probe)."""
-
-    runs: list[_Flags] = field(default_factory=list)
-    findings: list[_Finding] = field(default_factory=list)
-    amounts: list[_Amounts] = field(default_factory=list)
-
-
-@functools.lru_cache(maxsize=256)
-def _constant(values: tuple[int, ...], device: torch.device) -> Tensor:
-    """A small int64 tensor of layout constants, copied to the device once, without a sync.
-
-    The layout depends only on the pool sizes and the probes chosen, so later calls reuse it.
-    """
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-# ------------------------------------------------------------- shared tensors
-class _State:
-    """The view plus the derived tensors several probes share, each computed once."""
-
-    def __init__(self, view: AllocatorView) -> None:
-        self.view = view
-        self.ps = view.page_size
-        self.full_units = view.size_full // self.ps
-        self.swa_units = view.size_swa // self.ps
-        self.swa_slots = (self.swa_units + 1) * self.ps
-        """One past the largest SWA slot (unit 0, the padding unit, included)."""
-        self.device = view.mapping.device
-
-    @cached_property
-    def pages(self) -> Tensor:
-        """The mapping without its sentinel, one row per full unit: [full_units + 1, ps]."""
-        return self.view.mapping[:-1].view(self.full_units + 1, self.ps)
-
-    @cached_property
-    def holds(self) -> Tensor:
-        """[full_units + 1, ps]: whether each full token has a nonzero entry."""
-        return self.pages != 0
-
-    @cached_property
-    def peer_bins(self) -> Tensor:
-        """int32, each entry's bin among the SWA slots: 0 for a negative entry, s + 1 for slot
-        s (1 for "no peer"), swa_slots + 1 for an entry past the pool."""
-        clamped = self.pages.reshape(-1).clamp(-1, self.swa_slots)
-        # int32 (pools stay far below 2**31 slots) halves the bytes of every later pass.
-        return torch.add(clamped, 1, out=torch.empty(clamped.shape, dtype=torch.int32, device=self.device))
-
-    @cached_property
-    def _one(self) -> Tensor:
-        return torch.ones(1, dtype=torch.int32, device=self.device)
-
-    def _histogram(self, bins: Tensor, size: int) -> Tensor:
-        counts = torch.zeros(size, dtype=torch.int32, device=self.device)
-        return counts.index_add_(0, bins, self._one.expand(bins.numel()))
-
-    @cached_property
-    def peer_bin_counts(self) -> Tensor:
-        """[swa_slots + 2]: how many entries fall in each of `peer_bins`' bins (bin 1, "no
-        peer", stays 0)."""
-        # Most entries are 0: counting them all in bin 1 would serialise millions of atomic
-        # adds on one counter, so each gets a bin of its own past the real ones instead.
-        entries = self.peer_bins.numel()
-        own_bins = torch.arange(self.swa_slots + 2, self.swa_slots + 2 + entries, dtype=torch.int32, device=self.device)
-        bins = torch.where(self.holds.reshape(-1), self.peer_bins, own_bins)
-        return self._histogram(bins, self.swa_slots + 2 + entries)[: self.swa_slots + 2]
-
-    @cached_property
-    def swa_unit_refs(self) -> Tensor:
-        """[swa_units]: entries pointing into each SWA unit 1..swa_units."""
-        slots = self.peer_bin_counts[self.ps + 1 : self.swa_slots + 1]
-        return slots if self.ps == 1 else slots.view(self.swa_units, self.ps).sum(1)
-
-    def _free_counts(self, free: Tensor, units: int) -> Tensor:
-        """[units + 3]: bin v + 1 counts the free-list entries equal to v, for v in
-        -1..units + 1; bin 0 takes every negative entry, the last every entry past the pool."""
-        return self._histogram(free.clamp(-1, units + 1) + 1, units + 3)
-
-    @cached_property
-    def full_free_counts(self) -> Tensor:
-        return self._free_counts(self.view.full_free, self.full_units)
-
-    @cached_property
-    def swa_free_counts(self) -> Tensor:
-        return self._free_counts(self.view.swa_free, self.swa_units)
-
-    @cached_property
-    def full_unit_free(self) -> Tensor:
-        """[full_units + 1]: whether each full unit (0 included) is in the free list."""
-        return self.full_free_counts[1 : self.full_units + 2] > 0
-
-    @cached_property
-    def peer_faults(self) -> Tensor:
-        """uint8 per entry: bit 0 when it points below or past the SWA pool or into a free SWA
-        unit; bit 1 when it points into the SWA padding page (slots 1..ps-1). One gather
-        through a per-bin table answers both for every entry."""
-        table = torch.zeros(self.swa_slots + 2, dtype=torch.uint8, device=self.device)
-        unit_free = self.swa_free_counts[1 : self.swa_units + 2] > 0
-        table[1 : self.swa_slots + 1].view(self.swa_units + 1, self.ps).copy_(unit_free[:, None])
-        # Slices and fill_, not table[i] = value, which would copy a host scalar on CUDA.
-        table[1:2].fill_(0)  # slot 0 is "no peer"
-        table[:1].fill_(1)
-        table[-1:].fill_(1)
-        if self.ps > 1:
-            table[2 : self.ps + 1].bitwise_or_(2)
-        return table.index_select(0, self.peer_bins)
-
-
-# ------------------------------------------------------------------ the probes
-def _probe_sentinel(state: _State) -> _Verdict:
-    mapping = state.view.mapping
-    return _Verdict(runs=[_Flags(0, mapping[-1:] != -1, first=mapping.numel() - 1)])
-
-
-def _probe_pad(state: _State) -> _Verdict:
-    runs = [
-        _Flags(0, state.full_free_counts[1:2] > 0),
-        _Flags(1, state.swa_free_counts[1:2] > 0),
-        _Flags(2, state.holds[0]),
-    ]
-    if state.ps > 1:
-        runs.append(_Flags(3, (state.peer_faults >> 1).view(torch.bool)))
-    return _Verdict(runs=runs)
-
-
-def _probe_nodup(state: _State) -> _Verdict:
-    runs = []
-    for tag, counts, units in ((0, state.full_free_counts, state.full_units), (1, state.swa_free_counts, state.swa_units)):
-        # Bins: negative, 0, 1..units, past the pool. Out-of-range values may not appear at all.
-        runs += [
-            _Flags(tag, counts[:2] > 0, first=-1),
-            _Flags(tag, counts[2 : units + 2] > 1, first=1),
-            _Flags(tag, counts[units + 2 :] > 0, first=units + 1),
-        ]
-    return _Verdict(runs=runs)
-
-
-def _probe_conserve(state: _State) -> _Verdict:
-    view, ps = state.view, state.ps
-    full_free, swa_free = view.full_free.numel(), view.swa_free.numel()
-    held_units = state.holds[1:] if state.ps == 1 else state.holds[1:].any(1)
-    amounts = []
-    for tag, in_use, free, units in (
-        (0, held_units.sum(), full_free, state.full_units),
-        (1, (state.swa_unit_refs > 0).sum(), swa_free, state.swa_units),
-    ):
-        # Item: the excess in_use + free - units. Python scalars keep the layout constants fixed.
-        in_use = in_use.reshape(1)
-        amounts.append(_Amounts(in_use > units - free, in_use + _encode(tag, free - units)))
-    findings = [
-        _Finding(tag, abs(amount))
-        for tag, amount, wrong in (
-            (2, view.full_available - view.size_full, view.full_available > view.size_full),
-            (3, view.swa_available - view.size_swa, view.swa_available > view.size_swa),
-            (4, view.full_available - full_free * ps, view.full_available != full_free * ps),
-            (5, view.swa_available - swa_free * ps, view.swa_available != swa_free * ps),
-        )
-        if wrong
-    ]
-    return _Verdict(findings=findings, amounts=amounts)
-
-
-def _probe_swa_le_full(state: _State) -> _Verdict:
-    slot_refs = state.peer_bin_counts[2 : state.swa_slots + 1]
-    runs = [
-        _Flags(0, slot_refs > 1, first=1),
-        _Flags(1, (state.peer_faults & 1).view(torch.bool)),
-    ]
-    if not state.view.in_free_group:
-        orphaned = (state.swa_unit_refs + state.swa_free_counts[2 : state.swa_units + 2]) == 0
-        runs.append(_Flags(2, orphaned, first=1))
-    return _Verdict(runs=runs)
-
-
-def _probe_avail(state: _State) -> _Verdict:
-    view = state.view
-    if view.available == min(view.full_available, view.swa_available):
-        return _Verdict()
-    return _Verdict(findings=[_Finding(0, view.available)])
-
-
-def _probe_stale(state: _State) -> _Verdict:
-    return _Verdict(runs=[_Flags(0, (state.holds & state.full_unit_free[:, None]).reshape(-1))])
-
-
-def _probe_page(state: _State) -> _Verdict:
-    if state.ps == 1:
-        return _Verdict()
-    offsets = torch.arange(state.ps, device=state.device)
-    # A token paired correctly maps to (its SWA page) * ps + (its own offset), so
-    # entry - offset is the same multiple of ps for every held token of the page.
-    base = state.pages - offsets
-    smallest = torch.where(state.holds, base, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
-    broken = state.holds & ((base != smallest) | (smallest % state.ps != 0))
-    return _Verdict(runs=[_Flags(0, broken.reshape(-1))])
-
-
-@dataclass(frozen=True)
-class _Probe:
-    run: Callable[[_State], _Verdict]
-    checks: tuple[str, ...]
-    """What each check's items are, by tag: the noun phrase `Violation.explain` prints."""
-
-
-_PROBES: dict[str, _Probe] = {
-    "SENTINEL": _Probe(_probe_sentinel, ("sentinel entry (the mapping's last) is not -1",)),
-    "PAD": _Probe(
-        _probe_pad,
-        (
-            "full free list holds padding unit 0",
-            "SWA free list holds padding unit 0",
-            "full tokens of padding page 0 have an SWA peer",
-            "full tokens map into SWA padding page 0",
-        ),
-    ),
-    "NODUP": _Probe(
-        _probe_nodup,
-        (
-            "full free-list units listed twice or out of range (-1 stands for negative entries)",
-            "SWA free-list units listed twice or out of range (-1 stands for negative entries)",
-        ),
-    ),
-    "CONSERVE": _Probe(
-        _probe_conserve,
-        (
-            "full units free + in use exceed the pool by",
-            "SWA units free + in use exceed the pool by",
-            "full_available_size() exceeds size_full by",
-            "swa_available_size() exceeds size_swa by",
-            "full_available_size() differs from the free full units x page_size by",
-            "swa_available_size() differs from the free SWA units x page_size by",
-        ),
-    ),
-    "SWA_LE_FULL": _Probe(
-        _probe_swa_le_full,
-        (
-            "SWA slots are peers of two or more full tokens",
-            "full tokens map to a free or non-existent SWA slot",
-            "SWA units are neither free nor referenced (orphaned)",
-        ),
-    ),
-    "AVAIL": _Probe(
-        _probe_avail, ("available_size() is not min(full_available_size(), swa_available_size()); it returned",)
-    ),
-    "STALE": _Probe(_probe_stale, ("tokens of free full units still map to an SWA slot",)),
-    "PAGE": _Probe(_probe_page, ("full tokens break their page's SWA pairing (another SWA page or offset)",)),
-}
-assert set(_PROBES) == {name for name, invariant in INVARIANTS.items() if invariant.model_free}
-
-
 # ------------------------------------------------------------------- running
 @dataclass(frozen=True)
 class ProbeResults:
@@ -570,32 +280,65 @@ class ProbeResults:
         ]
 
 
-def run_probes(view: AllocatorView, names: Iterable[str] | None = None, max_indices: int = 8) -> ProbeResults:
+Impl = Literal["auto", "torch", "triton"]
+_IMPLS = ("auto", "torch", "triton")
+_MODEL_FREE = tuple(name for name, invariant in INVARIANTS.items() if invariant.model_free)
+
+
+def run_probes(
+    view: AllocatorView, names: Iterable[str] | None = None, max_indices: int = 8, *, impl: Impl = "auto"
+) -> ProbeResults:
     """Run the model-free probes among `names` (default: all of them) on the view's device.
 
     Names of model-based invariants are accepted and skipped. Nothing is read back: the
-    result's `packed` tensor is filled by device work queued here.
+    result's `packed` tensor is filled by device work queued here. impl: "torch", "triton"
+    (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1), or "auto" (triton on CUDA when
+    it imports, torch otherwise); both pack identical results.
     """
     if not isinstance(view, AllocatorView):
         raise ProbeInputError(f"run_probes takes an AllocatorView, got {type(view).__name__}")
     if isinstance(max_indices, bool) or not isinstance(max_indices, int) or max_indices < 0:
         raise ProbeInputError(f"max_indices must be an int >= 0, got {max_indices!r}")
-    selected = _select(INVARIANTS if names is None else names)
-    state = _State(view)
-    verdicts = {name: _PROBES[name].run(state) for name in selected}
-    rows = _collect_runs({name: verdict.runs for name, verdict in verdicts.items()}, max_indices, state.device)
-    quiet = None
-    for name, verdict in verdicts.items():
-        if name in rows:
-            continue
-        if verdict.findings or verdict.amounts:
-            rows[name] = _collect_amounts(verdict.findings, verdict.amounts, max_indices, state.device)
-        else:
-            quiet = _collect_amounts([], [], max_indices, state.device) if quiet is None else quiet
-            rows[name] = quiet
+    selected = _MODEL_FREE if names is None else _select(names)
+    implementation = _implementation(impl, view.mapping.device)
     if not selected:
-        return ProbeResults((), torch.empty((0, max_indices + 1), dtype=torch.int64, device=state.device))
-    return ProbeResults(selected, torch.stack([rows[name] for name in selected]))
+        return ProbeResults((), torch.empty((0, max_indices + 1), dtype=torch.int64, device=view.mapping.device))
+    probe_plan = plan(view.page_size, view.size_full, view.size_swa, selected, max_indices, view.in_free_group)
+    packed = implementation.pack(view.mapping, view.full_free, view.swa_free, probe_plan)
+    if "CONSERVE" in selected or "AVAIL" in selected:
+        sizes = (
+            view.size_full,
+            view.size_swa,
+            view.full_available,
+            view.swa_available,
+            view.available,
+            view.full_free.numel(),
+            view.swa_free.numel(),
+        )
+        findings = host_findings(selected, probe_plan.geometry, sizes)
+        if findings:
+            packed = put_findings(packed, findings)
+    return ProbeResults(selected, packed)
+
+
+def _implementation(impl: str, device: torch.device) -> ModuleType:
+    """The module whose `pack` runs the probes: the Triton kernels or the torch expression."""
+    if impl not in _IMPLS:
+        raise ProbeInputError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "torch" or (impl == "auto" and device.type != "cuda"):
+        return _probes_torch
+    try:
+        from canary import _probes_triton
+    except ImportError as error:
+        if impl == "auto":
+            return _probes_torch
+        raise ProbeInputError("impl='triton' needs the triton package") from error
+    if impl == "auto" and _probes_triton.INTERPRETED:
+        # Interpreted kernels copy every tensor to the host: never the automatic choice.
+        return _probes_torch
+    if device.type != "cuda" and not _probes_triton.INTERPRETED:
+        raise ProbeInputError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}")
+    return _probes_triton
 
 
 def _select(names: Iterable[str]) -> tuple[str, ...]:
@@ -611,78 +354,16 @@ def _select(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(selected)
 
 
-def _collect_runs(runs_by_probe: dict[str, list[_Flags]], max_indices: int, device: torch.device) -> dict[str, Tensor]:
-    """The packed rows of every probe that reports item runs, collected all at once.
-
-    All runs are laid end to end in one flag vector, one cumulative sum ranks the flagged
-    items, and a binary search in that sum finds each probe's first `max_indices` items; a
-    second search in the run starts turns positions back into items.
-    """
-    probes, flags, run_starts, run_offsets, bounds = [], [], [], [], []
-    position = 0
-    for name, runs in runs_by_probe.items():
-        runs = [run for run in runs if run.flags.numel()]
-        if not runs:
-            continue
-        probes.append(name)
-        bounds.append(position)
-        for run in runs:
-            flags.append(run.flags.reshape(-1))
-            run_starts.append(position)
-            run_offsets.append(_encode(run.tag, run.first) - position)
-            position += run.flags.numel()
-    if not probes:
-        return {}
-    ranks = torch.cat(flags).cumsum(0, dtype=torch.int32)
-    zero = torch.zeros(1, dtype=torch.int32, device=device)
-    # ranks_before[i]: flagged items before probe i's runs; the last entry counts them all.
-    ranks_before = torch.cat([zero] + [ranks[start - 1 : start] for start in bounds[1:]] + [ranks[-1:]])
-    counts = ranks_before[1:] - ranks_before[:-1]
-    steps = torch.arange(1, max_indices + 1, dtype=torch.int32, device=device)
-    positions = torch.searchsorted(ranks, ranks_before[:-1, None] + steps)
-    # run_of is 1 + the index of the run holding each position; offsets are padded to match.
-    run_of = torch.searchsorted(_constant(tuple(run_starts), device), positions, right=True)
-    codes = positions + torch.take(_constant((0, *run_offsets), device), run_of)
-    shown = steps <= counts[:, None]
-    block = torch.cat((counts[:, None].long(), torch.where(shown, codes, -1)), dim=1)
-    return dict(zip(probes, block))
-
-
-def _collect_amounts(
-    findings: list[_Finding], amounts: list[_Amounts], max_indices: int, device: torch.device
-) -> Tensor:
-    """The packed row of a probe with host-known findings and a few computed amounts.
-
-    Findings take the first columns; each flagged amount goes to the next column by its rank,
-    or to a spare column past the row (dropped) when the row is full or it is not flagged.
-    """
-    row = torch.full((max_indices + 2,), -1, dtype=torch.int64, device=device)
-    for column, finding in enumerate(findings[:max_indices], start=1):
-        row[column : column + 1].fill_(_encode(finding.tag, finding.item))
-    if not amounts:
-        row[:1].fill_(len(findings))
-        return row[:-1]
-    flags = torch.cat([amount.flags for amount in amounts]) if len(amounts) > 1 else amounts[0].flags
-    codes = torch.cat([amount.codes for amount in amounts]) if len(amounts) > 1 else amounts[0].codes
-    rank = flags.cumsum(0)
-    if findings:
-        rank = rank + len(findings)
-    spare = max_indices + 1
-    row.scatter_(0, torch.where(flags, rank, spare).clamp_(max=spare), codes)
-    row[:1].copy_(rank[-1:])
-    return row[:-1]
-
-
 def _decode_row(name: str, row: list[int]) -> Violation | None:
     count, codes = row[0], row[1:]
     if count <= 0:
         return None
-    checks = _PROBES[name].checks
+    checks = CHECK_DETAILS[name]
     tags, items = [], []
     for code in codes[:count]:
         if code < 0:
             break
-        tag, item = _decode(code)
+        tag, item = decode(code)
         if tag >= len(checks):
             raise ProbeInputError(f"packed row of {name} holds code {code}, which names no check")
         tags.append(tag)

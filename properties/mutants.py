@@ -30,7 +30,6 @@ from allocator.swa import SWAState
 from properties.targets import AllocatorConfig
 
 
-
 class Mutant(SWATokenToKVPoolAllocator):
     """Base of every mutant: the invariants its bug breaks, and its checked mode."""
 

@@ -1,0 +1,61 @@
+"""sglang 0.5.23's own allocator as a check target (installed by .ci/install-sglang; every test
+here is skipped without it).
+
+Under sglang's contract (SGLANG_CONTRACT: the calls its scheduler makes) the machines find no
+violation, and sglang agrees with the reference call by call. Each restriction of that
+contract hides one way sglang's allocator breaks SPEC §1 when called outside it: relaxing
+that restriction alone finds it (README, "sglang 0.5.23 findings").
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from properties.check import run_check
+from properties.differential import differential_target
+from properties.targets import resolve_target, with_contract_changes
+
+pytestmark = pytest.mark.sglang
+
+SHORT_BUDGET = 20.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sglang_allocator() -> None:
+    pytest.importorskip("sglang.srt.mem_cache.allocator.swa", reason="sglang is not installed (.ci/install-sglang)")
+
+
+def test_sglang_under_its_contract_shows_no_violation(swa_device: torch.device) -> None:
+    report = run_check("sglang", swa_device.type, budget=SHORT_BUDGET, seed=1)
+    assert report.finding is None, report.finding.explain()
+    assert report.steps > 200
+
+
+def test_sglang_agrees_with_the_reference_call_by_call(swa_device: torch.device) -> None:
+    target = differential_target(resolve_target("reference"), resolve_target("sglang"))
+    report = run_check(target, swa_device.type, budget=SHORT_BUDGET, seed=1)
+    assert report.finding is None, report.finding.explain()
+    assert report.steps > 200
+
+
+@pytest.mark.parametrize(
+    "restriction, machines, invariant",
+    [
+        # alloc_decode takes a full page, then finds no SWA page, returns None and keeps it.
+        ("decode_capacity_prechecked", ["RequestMachinePS4"], "ATOMIC"),
+        # free() after a window slide hands SWA slot 0 to the SWA free list.
+        ("free_held_swa_peers_only_at_ps1", ["SlotMachine"], "PAD"),
+        # A tail that starts mid-page puts its SWA slots at other offsets than its full slots.
+        ("swa_tail_page_aligned", ["RequestMachinePS4"], "PAGE"),
+        # free_group_end with no group open does not raise.
+        ("free_group_calls_paired", ["SlotMachine"], "CONTRACT"),
+    ],
+)
+def test_each_restriction_hides_a_deviation(
+    restriction: str, machines: list[str], invariant: str, swa_device: torch.device
+) -> None:
+    target = with_contract_changes(resolve_target("sglang"), relax=[restriction])
+    report = run_check(target, swa_device.type, budget=120, seed=1, machines=machines, shrink=False)
+    assert report.finding is not None, f"relaxing {restriction} found nothing"
+    assert invariant in report.finding.invariants, report.finding.explain()

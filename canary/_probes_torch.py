@@ -2,26 +2,23 @@
 whole-tensor operations: the probes run after every step of the state machines, on small
 pools, where each operation's fixed cost is what counts.
 
-1. One histogram `counts` (int32) over three regions: each mapping entry's SWA bin (PEER: bin
-   m + 2 for m clamped to -2..swa_slots, so that -1, the sentinel's value, has a bin of its
-   own), the full free list's values (FREE_FULL: bin v + 1 for v clamped to -1..units + 1) and
-   the SWA free list's (FREE_SWA). Two extra bins read as constants: ZERO is never counted,
-   ONE is counted once by a constant index. On CUDA, entries with no peer are spread over
-   bins of their own (SPREAD) instead of millions of atomic adds on one counter.
+1. One histogram `counts` (int32). Region PEER: bin m for each entry m clamped to
+   -2..swa_slots; negative bins wrap to the end of `counts` (put_ takes Python-style negative
+   indices), so entries need no shift. FREE_FULL / FREE_SWA: bin v + 1 of each free-list value
+   v clamped to -1..units + 1. Two bins read as constants: ZERO is never counted, ONE
+   starts at 1. On CUDA, entries with no peer are spread over bins of
+   their own (SPREAD) instead of millions of atomic adds on one counter.
 2. `positive` = counts > 0, `repeated` = counts > a per-bin threshold (1 where a value may
    appear once, 0 where it may not appear at all).
-3. A table over the PEER bins answers, for each entry with one gather, whether its peer is
-   faulty (negative, past the pool, or in a free SWA unit), in the SWA padding page, and, for
-   the sentinel, whether it is not -1.
+3. Tables over the PEER bins answer, for each entry with one gather, whether its peer is
+   faulty (negative, past the pool, or in a free SWA unit) and whether it lies in the SWA
+   padding page.
 4. Every check's flags are taken from one concatenation `sources` into plan order by one
-   cached index, a constant-false position after each probe (its separator).
+   cached index; each probe's items are followed by K constant-true separators coded -1.
 5. One cumulative sum ranks the flags; a binary search finds each probe's first K flagged
-   positions (positions past the probe's end stop at its separator), and a second search in
-   the run starts turns positions into codes.
+   positions, and a second search in the run starts turns positions into codes.
 Every constant depends only on the geometry, the plan and the device, and is built once.
 """
-
-from __future__ import annotations
 
 import functools
 
@@ -33,8 +30,6 @@ from canary._probe_plan import AMOUNTS, Kind, Plan, encode
 _INT64_MAX = torch.iinfo(torch.int64).max
 _NEVER = torch.iinfo(torch.int32).max
 
-# Columns of the per-entry table.
-_FAULT, _PAD_PAGE = range(2)
 
 
 def _on(device: torch.device, values: Tensor | int, dtype: torch.dtype = torch.int64) -> Tensor:
@@ -59,16 +54,14 @@ class _Layout:
         self.ps, self.rows, self.swa_units = ps, full_units + 1, swa_units
         int32 = dict(dtype=torch.int32)
 
-        # Histogram regions.
-        self.peer = 0
-        peer_bins = swa_slots + 3
-        self.zero = peer_bins
+        # Histogram regions: PEER first (bins 0..swa_slots; -2 and -1 wrap to the last two).
+        self.zero = swa_slots + 1
         self.one = self.zero + 1
         self.free_full = self.one + 1
         self.free_swa = self.free_full + full_units + 3
         self.spread = self.free_swa + swa_units + 3
         spread = device.type == "cuda"
-        self.size = self.spread + (entries + 1 if spread else 0)
+        self.size = self.spread + (entries + 1 if spread else 0) + 2
         # Entries clamp to -2..swa_slots; the sentinel always to -1, whose bin nothing reads,
         # so that it never counts as a peer (its own check reads `holds`).
         low, high = torch.full((entries + 1,), -2), torch.full((entries + 1,), swa_slots)
@@ -78,45 +71,51 @@ class _Layout:
         unpaired[-1] = -1
         self.unpaired = _on(device, unpaired)  # holds = mapping != unpaired: "held", or a wrong sentinel
         self.spread_bins = _on(device, torch.arange(self.spread, self.size)) if spread else None
-        self.one_index = _on(device, torch.tensor([self.one]))
+        empty = torch.zeros(self.size, **int32)
+        empty[self.one] = 1
+        self.empty_counts = _on(device, empty)  # counting starts from a copy of this
         self.unit = _on(device, torch.ones(1, **int32))
+        self.no_excess = _on(device, torch.zeros(3, dtype=torch.int64))
         thresholds = torch.full((self.size,), _NEVER, **int32)
         for start, units in ((self.free_full, full_units), (self.free_swa, swa_units)):
             thresholds[start : start + units + 3] = 1
             thresholds[[start, start + 1, start + units + 2]] = 0
-        thresholds[self.peer + 3 : self.peer + swa_slots + 2] = 1  # SWA slots 1..swa_slots-1
+        thresholds[1:swa_slots] = 1  # SWA slots 1..swa_slots-1
         self.thresholds = _on(device, thresholds)
 
-        table = torch.full((peer_bins, 2), self.zero)
-        slots = torch.arange(1, swa_slots)
-        table[:2, _FAULT] = self.one  # m <= -1
-        table[slots + 2, _FAULT] = self.free_swa + slots // ps + 1  # is the slot's unit free?
-        table[swa_slots + 2, _FAULT] = self.one  # m >= swa_slots
-        table[3 : ps + 2, _PAD_PAGE] = self.one  # slots 1..ps-1
-        self.table = _on(device, table)
+        # Per PEER bin (slots 0..swa_slots-1, then >= swa_slots, < -1, -1): the bin of
+        # `positive` that says whether an entry there points at a faulty peer.
+        slots = torch.arange(swa_slots)
+        fault = torch.cat((self.free_swa + slots // ps + 1, torch.full((3,), self.one)))
+        fault[0] = self.zero  # slot 0: no peer
+        self.fault_table = _on(device, fault)
+        pad_page = torch.zeros(swa_slots + 3, dtype=torch.bool)
+        pad_page[1:ps] = True
+        self.pad_page_table = _on(device, pad_page)
         self.row_free = _on(
             device,
             torch.cat((self.free_full + 1 + torch.arange(entries) // ps, torch.tensor([self.zero]))),
         )
         self.offsets_in_page = _on(device, torch.arange(ps))
-        self.two, self.minus_one, self.ps_t = _on(device, 2), _on(device, -1), _on(device, ps)
+        self.minus_one, self.ps_t = _on(device, -1), _on(device, ps)
         self.full_bound, self.swa_bound = _on(device, full_units + 1), _on(device, swa_units + 1)
         self.full_shift, self.swa_shift = _on(device, self.free_full + 1), _on(device, self.free_swa + 1)
         self.zero_i32, self.zero_i64, self.largest = _on(device, 0, torch.int32), _on(device, 0), _on(device, _INT64_MAX)
 
         # Which sources the plan reads, and where each starts in `sources`.
-        self.table_kinds = bool(kinds & {Kind.PEER_FAULT, Kind.PAD_PAGE_PEER})
+        self.fault, self.pad_page = Kind.PEER_FAULT in kinds, Kind.PAD_PAGE_PEER in kinds
         self.repeated_kinds = bool(
             kinds & {Kind.FULL_FREE_PAD, Kind.SWA_FREE_PAD, Kind.FULL_FREE_BINS, Kind.SWA_FREE_BINS, Kind.SHARED_SLOT}
         )
         self.holds_kinds = bool(kinds & {Kind.PAD_ROW, Kind.SENTINEL})
         self.stale, self.page, self.orphan = Kind.STALE in kinds, Kind.PAGE in kinds, Kind.ORPHAN in kinds
         self.excess = Kind.FULL_EXCESS in kinds
-        base = {"false": 0}
-        length = 1
+        base = {"false": 0, "true": 1}
+        length = 2
         for source, present, size in (
             ("repeated", self.repeated_kinds, self.size),
-            ("table", self.table_kinds, (entries + 1) * 2),
+            ("fault", self.fault, entries + 1),
+            ("pad_page", self.pad_page, entries + 1),
             ("holds", self.holds_kinds, entries + 1),
             ("stale", self.stale, entries + 1),
             ("page", self.page, entries),
@@ -126,7 +125,7 @@ class _Layout:
             if present:
                 base[source] = length
                 length += size
-        self.false = _on(device, torch.zeros(1, dtype=torch.bool))
+        self.constants = _on(device, torch.tensor([False, True]))
 
         def items(kind: Kind) -> Tensor:
             """Where in `sources` each item of a kind's index space lies."""
@@ -136,8 +135,10 @@ class _Layout:
                     return torch.tensor([base["holds"] + entries])
                 case Kind.PAD_ROW:
                     return base["holds"] + each
-                case Kind.PAD_PAGE_PEER | Kind.PEER_FAULT:
-                    return base["table"] + 2 * each + (_PAD_PAGE if kind is Kind.PAD_PAGE_PEER else _FAULT)
+                case Kind.PEER_FAULT:
+                    return base["fault"] + each
+                case Kind.PAD_PAGE_PEER:
+                    return base["pad_page"] + each
                 case Kind.FULL_FREE_PAD | Kind.SWA_FREE_PAD:
                     start = self.free_full if kind is Kind.FULL_FREE_PAD else self.free_swa
                     return torch.tensor([base["repeated"] + start + 1])
@@ -145,7 +146,7 @@ class _Layout:
                     start = self.free_full if kind is Kind.FULL_FREE_BINS else self.free_swa
                     return base["repeated"] + start + each
                 case Kind.SHARED_SLOT:
-                    return base["repeated"] + self.peer + 3 + each
+                    return base["repeated"] + 1 + each
                 case Kind.FULL_EXCESS | Kind.SWA_EXCESS:
                     return torch.tensor([base["excess"] + (kind is Kind.SWA_EXCESS)])
                 case Kind.ORPHAN:
@@ -156,8 +157,10 @@ class _Layout:
                     return base["page"] + each
             raise AssertionError(kind)
 
-        # Position 0 is constant false, so that "ranks before the first probe" reads 0.
-        order, run_starts, run_offsets, bounds, separators = [torch.zeros(1, dtype=torch.int64)], [], [], [], []
+        # Position 0 is constant false, so that "ranks before the first probe" reads 0. Each
+        # probe's items are followed by K constant-true separators coded -1: its first K
+        # flagged positions are its items, then the padding, never another probe's items.
+        order, run_starts, run_offsets, bounds = [torch.tensor([base["false"]])], [], [], []
         amount_runs = {}
         position = 1
         for checks in plan.checks:
@@ -172,11 +175,11 @@ class _Layout:
                 order.append(where)
                 position += where.numel()
             bounds.append((start - 1, position - 1))
-            separators.append(position)
-            run_starts.append(position)
-            run_offsets.append(-1 - position)  # the separator's code is the padding, -1
-            order.append(torch.zeros(1, dtype=torch.int64))
-            position += 1
+            for _ in range(plan.max_indices):
+                run_starts.append(position)
+                run_offsets.append(-1 - position)
+                position += 1
+            order.append(torch.full((plan.max_indices,), base["true"]))
         self.order = _on(device, torch.cat(order).to(torch.int32))
         self.run_starts = _on(device, torch.tensor(run_starts))
         # run_of (from searchsorted) is 1 + the run's index; the last entry takes unused amounts.
@@ -186,9 +189,8 @@ class _Layout:
             device, torch.tensor([amount_runs.get(Kind.FULL_EXCESS, spare), amount_runs.get(Kind.SWA_EXCESS, spare), spare])
         )
         bounds = torch.tensor(bounds, dtype=torch.int64)
-        self.before, self.through = _on(device, bounds[:, :1].clone()), _on(device, bounds[:, 1:].clone())
-        self.separators = _on(device, torch.tensor(separators).reshape(-1, 1))
-        self.steps = _on(device, torch.arange(1, plan.max_indices + 1, **int32))
+        self.bounds = _on(device, bounds.T.reshape(2, -1, 1).contiguous())
+        self.steps = _on(device, torch.arange(1, plan.max_indices + 1))
 
         # CONSERVE: excess = free-list length + units in use - units, per pool, by one
         # index_add over (FREE_FULL and FREE_SWA bins, full units with an entry, SWA units
@@ -224,34 +226,34 @@ def pack(mapping: Tensor, full_free: Tensor, swa_free: Tensor, plan: Plan) -> Te
         mapping = mapping.contiguous()  # pages are read through as_strided
     ps = layout.ps
 
-    peer_bin = mapping.clamp(layout.peer_low, layout.peer_high).add_(layout.two)
+    peer_bin = mapping.clamp(layout.peer_low, layout.peer_high)
     holds = mapping != layout.unpaired
     if layout.spread_bins is not None:
         peer_bin_counted = torch.where(holds, peer_bin, layout.spread_bins)
     else:
-        peer_bin_counted = peer_bin  # entries with no peer fall in bin 2 (slot 0), read by nothing
+        peer_bin_counted = peer_bin  # entries with no peer fall in bin 0 (slot 0), read by nothing
     index = torch.cat(
         (
             peer_bin_counted,
             full_free.clamp(layout.minus_one, layout.full_bound).add_(layout.full_shift),
             swa_free.clamp(layout.minus_one, layout.swa_bound).add_(layout.swa_shift),
-            layout.one_index,
         )
     )
-    counts = torch.zeros(layout.size, dtype=torch.int32, device=device)
-    counts.index_add_(0, index, layout.unit.expand(index.shape[0]))
+    counts = layout.empty_counts.put(index, layout.unit.expand(index.shape[0]), accumulate=True)
     positive = counts > layout.zero_i32
 
-    sources = [layout.false]
+    sources = [layout.constants]
     if layout.repeated_kinds:
         sources.append(counts > layout.thresholds)
-    if layout.table_kinds:
-        sources.append(positive.take(layout.table).index_select(0, peer_bin).view(-1))
+    if layout.fault:
+        sources.append(positive.take(layout.fault_table).take(peer_bin))
+    if layout.pad_page:
+        sources.append(layout.pad_page_table.take(peer_bin))
     if layout.holds_kinds:
         sources.append(holds)
     if layout.stale:
         sources.append(positive.take(layout.row_free) & holds)
-    if layout.page or layout.excess:
+    if ps > 1 and (layout.page or layout.excess):
         held = holds.as_strided((layout.rows, ps), (ps, 1))
     if layout.page:
         # A token paired correctly maps to (its SWA page) * ps + (its own offset), so
@@ -262,24 +264,23 @@ def pack(mapping: Tensor, full_free: Tensor, swa_free: Tensor, plan: Plan) -> Te
         unaligned = torch.remainder(smallest, layout.ps_t) != layout.zero_i64
         sources.append(((masked != smallest) | unaligned).logical_and_(held).view(-1))
     if layout.orphan or layout.excess:
-        # SWA units 1..swa_units that some entry points into (slots from ps, bins from ps + 2).
-        used = counts.as_strided((layout.swa_units, ps), (ps, 1), layout.peer + ps + 2).any(1)
+        # SWA units 1..swa_units that some entry points into (slots and bins from ps).
+        used = positive.as_strided((layout.swa_units, ps), (ps, 1), ps).any(1)
     if layout.orphan:
-        free_units = counts.as_strided((layout.swa_units,), (1,), layout.free_swa + 2)
-        sources.append((used + free_units) == layout.zero_i32)
+        free_units = positive.as_strided((layout.swa_units,), (1,), layout.free_swa + 2)
+        sources.append((used | free_units).logical_not_())
     offsets = layout.offsets
     if layout.excess:
-        free_bins = counts.narrow(0, layout.free_full, layout.spread - layout.free_full)
+        free_bins = counts.as_strided((layout.spread - layout.free_full,), (1,), layout.free_full)
         rows_held = holds if ps == 1 else held.any(1)
         amounts = torch.cat((free_bins, rows_held, used, layout.minus_units))
-        excess = torch.zeros(3, dtype=torch.int64, device=device).index_add_(0, layout.pool_of, amounts)
+        excess = layout.no_excess.index_add(0, layout.pool_of, amounts)
         sources.append(excess > layout.zero_i64)
         offsets = offsets.index_add(0, layout.amount_runs, excess)
 
     flags = torch.cat(sources).index_select(0, layout.order)
-    ranks = flags.cumsum(0, dtype=torch.int32)
-    before, through = ranks.take(layout.before), ranks.take(layout.through)  # [P, 1] each
+    ranks = flags.cumsum(0)
+    before, through = ranks.take(layout.bounds).unbind(0)  # [P, 1] each: ranks before / through a probe
     positions = torch.searchsorted(ranks, before + layout.steps)
-    positions = torch.minimum(positions, layout.separators)
     codes = positions + offsets.take(torch.searchsorted(layout.run_starts, positions, right=True))
     return torch.cat((through - before, codes), dim=1)

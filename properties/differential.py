@@ -104,41 +104,32 @@ class DifferentialAllocator:
 
     # ----------------------------------------------------------- queries
     def available_size(self) -> int:
-        return self._query("available_size")
+        return self._call("available_size", changes_state=False)
 
     def full_available_size(self) -> int:
-        return self._query("full_available_size")
+        return self._call("full_available_size", changes_state=False)
 
     def swa_available_size(self) -> int:
-        return self._query("swa_available_size")
+        return self._call("swa_available_size", changes_state=False)
 
     def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
-        return self._query("translate_loc_from_full_to_swa", kv_indices)
+        return self._call("translate_loc_from_full_to_swa", kv_indices, changes_state=False)
 
     # -------------------------------------------------------- comparing
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, method: str, *args: Any, changes_state: bool = True) -> Any:
         """Make the call on both (each with its own copy of the tensor arguments), then compare
-        the outcomes and the states."""
+        the outcomes and, unless it is a query, the states."""
         what = f"{method}({', '.join(_show(arg) for arg in args)})"
         outcomes = [_outcome(side, method, _copied(args)) for side in self.sides]
         differences = _outcome_differences(outcomes, self.names)
         if differences:
             self._raise(f"in {what}", differences)
-        raised = outcomes[0][1]
-        if isinstance(raised, BaseException):
-            raise raised  # both raised: not a difference, the first's error stands for the call
-        self._compare_states(what)
-        return outcomes[0][0]
-
-    def _query(self, method: str, *args: Any) -> Any:
-        what = f"{method}({', '.join(_show(arg) for arg in args)})"
-        outcomes = [_outcome(side, method, _copied(args)) for side in self.sides]
-        differences = _outcome_differences(outcomes, self.names)
-        if differences:
-            self._raise(f"in {what}", differences)
-        if isinstance(outcomes[0][1], BaseException):
-            raise outcomes[0][1]
-        return outcomes[0][0]
+        value, error = outcomes[0]
+        if error is not None:
+            raise error  # both raised: not a difference, the first's error stands for the call
+        if changes_state:
+            self._compare_states(what)
+        return value
 
     def _compare_states(self, what: str) -> None:
         views = [AllocatorView.of(side) for side in self.sides]

@@ -318,6 +318,21 @@ def request_machine(page_size: int) -> type[AllocatorMachine]:
                 return multiple()
             return multiple(*(self.new_handle(request) for request in fresh))
 
+        @rule(
+            target=requests,
+            pick=requests,
+            chunk=st.integers(1, max_chunk),
+            lengths=st.lists(st.integers(1, max_chunk), min_size=1, max_size=2),
+        )
+        def prefill_with_chunk(self, pick: int, chunk: int, lengths: list[int]):
+            """A prefill batch as a scheduler forms it: the next chunk of a request whose prefix
+            is cached, then new requests, in one allocation."""
+            chunked = self._live([pick])
+            fresh = [Request([]) for _ in lengths]
+            if not self._extend(chunked + fresh, [chunk] * len(chunked) + lengths):
+                return multiple()
+            return multiple(*(self.new_handle(request) for request in fresh))
+
         @rule(picks=st.lists(requests, min_size=1, max_size=3), lengths=st.lists(st.integers(1, max_chunk), min_size=3, max_size=3))
         def continue_prefill(self, picks: list[int], lengths: list[int]) -> None:
             """Chunked prefill: extend live requests whose prefix is already cached."""

@@ -1,17 +1,22 @@
-"""Model-free probe speed: run_probes on a serving-like allocator state, per pool size.
+"""Model-free probe speed: run_probes through torch and through the fused Triton kernels.
 
-The state is built through the reference allocator's own calls: requests of `--request`
-tokens fill three quarters of the full pool, each keeps SWA slots only for its last
-`--window` tokens (free_swa of the pages before), and every third request is freed again.
+CUDA: a serving-like allocator state per pool size, built through the reference allocator's
+own calls: requests of `--request` tokens fill three quarters of the full pool, each keeps SWA
+slots only for its last `--window` tokens (free_swa of the pages before), and every third
+request is freed again. Both paths must pack identical rows (checked before timing).
 
 Columns: kernels = device kernels and memory operations one call launches (torch profiler);
 eager = back-to-back calls (host launch cost shows where it exceeds GPU time); graph = the
 same call captured once in a CUDA graph and replayed (GPU time alone); floor = one read of
-the mapping and both free lists at the peak bandwidth.
+the mapping and both free lists at the peak bandwidth; graph / triton = the path's graph time
+over the Triton path's.
+
+CPU (--smoke): the state machines' pattern on small pools, after every step: view the
+allocator, run every probe, read the packed rows back.
 
 From the repository root:
     python -m bench.bench_probes                 # CUDA, pools of 64K, 256K, 1M, 4M tokens
-    python -m bench.bench_probes --smoke         # CPU, small pools, eager only
+    python -m bench.bench_probes --smoke         # CPU, small pools
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ from torch.profiler import ProfilerActivity, profile
 from allocator import SWATokenToKVPoolAllocator
 from bench.bench_divergence import H100_SXM_PEAK_BYTES_PER_S, eager_us, graph_us
 from canary.probes import AllocatorView, run_probes
+
+IMPLS = ("triton", "torch")
+SMALL_POOLS = (
+    # (size_full, size_swa, page_size, tokens allocated)
+    (64, 32, 4, 10),
+    (24, 24, 1, 10),
+    (1024, 512, 16, 100),
+    (1100, 600, 1, 300),
+)
 
 
 def build_allocator(size: int, page_size: int, request: int, window: int, device: torch.device) -> SWATokenToKVPoolAllocator:
@@ -78,11 +92,27 @@ def floor_us(view: AllocatorView, peak_bytes_per_s: float) -> float:
     return read_once / peak_bytes_per_s * 1e6
 
 
+def small_pools(iters: int, warmup: int) -> None:
+    """Microseconds per state-machine check on CPU: view, every probe, read back."""
+    cpu = torch.device("cpu")
+    print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; one check = "
+          "run_probes(AllocatorView.of(allocator)).packed.tolist()")
+    print()
+    print("| pool tokens (full / SWA) | page size | tokens allocated | µs per check |")
+    print("|---:|---:|---:|---:|")
+    for size, size_swa, page_size, tokens in SMALL_POOLS:
+        allocator = SWATokenToKVPoolAllocator(size, size_swa, page_size, torch.float16, cpu)
+        allocate(allocator, tokens)
+        check = lambda: run_probes(AllocatorView.of(allocator)).packed.tolist()
+        print(f"| {size} / {size_swa} | {page_size} | {tokens} | {eager_us(check, cpu, iters, warmup):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="CPU, small pools, eager only")
+    parser.add_argument("--smoke", action="store_true", help="CPU, small pools")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20, 1 << 22])
     parser.add_argument("--page-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--request", type=int, default=4096, help="tokens per request")
     parser.add_argument("--window", type=int, default=1024, help="tokens that keep an SWA slot")
     parser.add_argument("--peak-bandwidth", type=float, default=H100_SXM_PEAK_BYTES_PER_S)
@@ -92,36 +122,40 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.smoke:
-        device, sizes, request, window, iters, warmup = torch.device("cpu"), [1 << 12, 1 << 14], 256, 64, 3, 1
-    else:
-        if not torch.cuda.is_available():
-            parser.error("needs a CUDA device; use --smoke on CPU")
-        device, sizes, request, window = torch.device("cuda"), args.sizes, args.request, args.window
-        iters, warmup = args.iters, args.warmup
-    on_gpu = device.type == "cuda"
+        small_pools(iters=200, warmup=20)
+        return
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device; use --smoke on CPU")
+    device = torch.device("cuda")
 
-    print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, SWA pool = half the full pool, "
-          f"requests of {request} tokens keeping {window} in the window, peak {args.peak_bandwidth:.3g} B/s")
+    print(f"device: {torch.cuda.get_device_name(device)}, SWA pool = half the full pool, requests of "
+          f"{args.request} tokens keeping {args.window} in the window, peak {args.peak_bandwidth:.3g} B/s")
     print()
-    print("| pool tokens | page size | free full / SWA units | violations | kernels | eager µs | graph µs | floor µs |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| pool tokens | page size | free full / SWA units | violations | impl | kernels | eager µs | graph µs "
+          "| floor µs | graph / triton |")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     profiles = []
-    for size in sizes:
+    for size in args.sizes:
         for page_size in args.page_sizes:
-            allocator = build_allocator(size, page_size, request, window, device)
+            allocator = build_allocator(size, page_size, args.request, args.window, device)
             view = AllocatorView.of(allocator)
-            call = lambda: run_probes(view)
-            found = len(call().read())
-            eager = eager_us(call, device, iters, warmup)
-            graph = f"{graph_us(call, device, iters, warmup):.1f}" if on_gpu else "-"
-            kernels = count_kernels(call, device) if on_gpu else "-"
-            print(f"| {size} | {page_size} | {view.full_free.numel()} / {view.swa_free.numel()} | {found} "
-                  f"| {kernels} | {eager:.1f} | {graph} | {floor_us(view, args.peak_bandwidth):.1f} |")
-            if args.profile and on_gpu:
-                profiles.append(f"pool {size}, page size {page_size}:\n{top_kernels(call, device)}")
-            del allocator, view
-            if on_gpu:
-                torch.cuda.empty_cache()
+            calls = {impl: (lambda impl=impl: run_probes(view, impl=impl)) for impl in args.impls}
+            packed = {impl: call().packed for impl, call in calls.items()}
+            first = next(iter(packed.values()))
+            if not all(torch.equal(first, rows) for rows in packed.values()):
+                raise SystemExit(f"pool {size}, page size {page_size}: the paths pack different rows")
+            found = len(calls[args.impls[0]]().read())
+            graph = {impl: graph_us(call, device, args.iters, args.warmup) for impl, call in calls.items()}
+            for impl, call in calls.items():
+                eager = eager_us(call, device, args.iters, args.warmup)
+                ratio = f"{graph[impl] / graph['triton']:.2f}x" if "triton" in graph else "-"
+                print(f"| {size} | {page_size} | {view.full_free.numel()} / {view.swa_free.numel()} | {found} "
+                      f"| {impl} | {count_kernels(call, device)} | {eager:.1f} | {graph[impl]:.1f} "
+                      f"| {floor_us(view, args.peak_bandwidth):.1f} | {ratio} |")
+                if args.profile:
+                    profiles.append(f"pool {size}, page size {page_size}, {impl}:\n{top_kernels(call, device)}")
+            del allocator, view, calls, packed
+            torch.cuda.empty_cache()
     for table in profiles:
         print()
         print(table)

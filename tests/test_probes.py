@@ -1,9 +1,11 @@
 """Model-free probes: every probe fires on a deliberately broken allocator, stays quiet on the
-reference allocator through random call sequences, reports readable items, and never
-synchronises with the host."""
+reference allocator through random call sequences, reports readable items, never
+synchronises with the host, and packs the same rows through torch and through Triton."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Callable
@@ -26,6 +28,7 @@ from canary.probes import (
     Violation,
     run_probes,
 )
+from canary._probe_plan import CHECK_DETAILS
 from test_bad_input import decode_args, extend_args
 
 MODEL_FREE = ("SENTINEL", "PAD", "NODUP", "CONSERVE", "SWA_LE_FULL", "AVAIL", "STALE", "PAGE")
@@ -550,3 +553,172 @@ def run_step(driver: Driver, step: tuple) -> None:
         driver.requests = requests
     else:
         getattr(driver, kind)(*args)
+
+
+# ------------------------------------------- the torch and Triton paths agree
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
+PROBE_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(params=[None, 8], ids=["tiles", "small-tiles"])
+def triton_kernels(request: pytest.FixtureRequest):
+    """The Triton probes: compiled on CUDA where it exists, else interpreted on CPU tensors
+    (never both in one process: the interpreter patches triton.language for good). With
+    small tiles every pass spans many blocks and the prefix sums many chunks."""
+    patch = pytest.MonkeyPatch()
+    if not HAS_CUDA:
+        patch.setenv("TRITON_INTERPRET", "1")
+    kernels = importlib.reload(importlib.import_module("canary._probes_triton"))
+    assert kernels.INTERPRETED == (not HAS_CUDA)
+    if request.param is not None:
+        patch.setattr(kernels, "_TILE", request.param)
+        patch.setattr(kernels, "_CHUNK", 2)
+    yield kernels
+    patch.undo()
+    importlib.reload(kernels)
+
+
+def random_view(
+    seed: int, page_size: int, full_units: int, swa_units: int, device: torch.device = PROBE_DEVICE
+) -> AllocatorView:
+    """An allocator state with every kind of damage: entries that are zero, valid, shared,
+    negative, past the pool or huge; pages that are whole or broken; free lists with repeats,
+    padding, negative and too large units; sizes that agree or not; a sentinel that may be
+    wrong; sometimes inside a free group."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def pick(count: int, low: int, high: int) -> torch.Tensor:
+        return torch.randint(low, high, (count,), generator=generator)
+
+    def chance(count: int, p: float) -> torch.Tensor:
+        return torch.rand(count, generator=generator) < p
+
+    ps, entries, swa_slots = page_size, (full_units + 1) * page_size, (swa_units + 1) * page_size
+    garbage = torch.tensor([-1, -2, -7, swa_slots, swa_slots + 5, 2**62, -(2**62)])
+    mapping = torch.where(chance(entries, 0.5), 0, pick(entries, 1, swa_slots))
+    mapping = torch.where(chance(entries, 0.1), garbage[pick(entries, 0, len(garbage))], mapping)
+    if ps > 1:  # whole pages: full page r -> some SWA page at the same offsets, some tokens held
+        pages = (pick(full_units + 1, 0, swa_units + 1) * ps).repeat_interleave(ps) + torch.arange(entries) % ps
+        whole = chance(full_units + 1, 0.5).repeat_interleave(ps) & chance(entries, 0.8)
+        mapping = torch.where(whole, pages, mapping)
+    sentinel = garbage[pick(1, 0, len(garbage))] if bool(chance(1, 0.2)) else torch.tensor([-1])
+    mapping = torch.cat((mapping, sentinel))
+
+    def free_list(units: int) -> torch.Tensor:
+        values = pick(int(pick(1, 0, units + 4)), 1, units + 1)
+        return torch.where(chance(values.numel(), 0.1), pick(values.numel(), -3, units + 4), values)
+
+    full_free, swa_free = free_list(full_units), free_list(swa_units)
+    full_available = len(full_free) * ps if bool(chance(1, 0.8)) else int(pick(1, 0, full_units * ps + 5))
+    swa_available = len(swa_free) * ps if bool(chance(1, 0.8)) else int(pick(1, 0, swa_units * ps + 5))
+    available = min(full_available, swa_available) if bool(chance(1, 0.8)) else int(pick(1, 0, 40))
+    return AllocatorView(
+        mapping=mapping.to(device),
+        full_free=full_free.to(device),
+        swa_free=swa_free.to(device),
+        page_size=ps,
+        size_full=full_units * ps,
+        size_swa=swa_units * ps,
+        full_available=full_available,
+        swa_available=swa_available,
+        available=available,
+        in_free_group=bool(chance(1, 0.3)),
+    )
+
+
+names_or_all = st.one_of(st.none(), st.lists(st.sampled_from(list(INVARIANTS)), max_size=8))
+
+
+@requires_triton
+@settings(max_examples=300 if HAS_CUDA else 25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    page_size=st.sampled_from([1, 2, 3, 4, 16]),
+    full_units=st.integers(1, 80),
+    swa_units=st.integers(1, 50),
+    names=names_or_all,
+    max_indices=st.sampled_from([0, 1, 3, 8, 20]),
+)
+def test_triton_packs_the_rows_torch_packs(
+    triton_kernels, seed: int, page_size: int, full_units: int, swa_units: int, names, max_indices: int
+) -> None:
+    view = random_view(seed, page_size, full_units, swa_units)
+    expected = run_probes(view, names, max_indices, impl="torch")
+    fused = run_probes(view, names, max_indices, impl="triton")
+    assert fused.names == expected.names
+    assert fused.packed.device == view.mapping.device
+    assert torch.equal(fused.packed, expected.packed)
+
+
+def test_random_views_break_every_check() -> None:
+    """The views the agreement test draws exercise every check of every model-free probe."""
+    seen: dict[str, set[int]] = {name: set() for name in MODEL_FREE}
+    for seed in range(60):
+        view = random_view(seed, page_size=[1, 4][seed % 2], full_units=12, swa_units=10, device=torch.device("cpu"))
+        for found in run_probes(view, max_indices=64, impl="torch").read():
+            seen[found.invariant] |= {check for check, phrase in enumerate(CHECK_DETAILS[found.invariant])
+                                      if phrase in found.detail}
+    assert seen == {name: set(range(len(CHECK_DETAILS[name]))) for name in MODEL_FREE}
+
+
+def test_impl_is_checked() -> None:
+    with pytest.raises(ProbeInputError, match="impl must be one of"):
+        run_probes(corrupt(), impl="cuda")
+
+
+@requires_triton
+def test_compiled_triton_needs_cuda_tensors() -> None:
+    kernels = importlib.import_module("canary._probes_triton")
+    if kernels.INTERPRETED:
+        pytest.skip("kernels were built for the interpreter in this process")
+    with pytest.raises(ProbeInputError, match="needs CUDA tensors"):
+        run_probes(corrupt(), impl="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("bug", BUGS.values(), ids=BUGS.keys())
+def test_each_path_catches_each_bug_without_synchronising(bug: Bug, impl: str) -> None:
+    allocator = build(bug.allocator, bug, torch.device("cuda"))
+    bug.scenario(allocator)
+    view = AllocatorView.of(allocator)
+    run_probes(view, impl=impl)  # compiles and builds constants outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = run_probes(view, impl=impl)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert {name: v.indices for name, v in ((v.invariant, v) for v in results.read())} == bug.fires
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_a_captured_check_sees_the_state_at_each_replay(impl: str, page_size: int) -> None:
+    """Captured once in a CUDA graph, the probes re-read the mapping and free lists at every
+    replay: corrupting them in place shows up in the next replay as in an eager call."""
+    view = random_view(7, page_size, full_units=300, swa_units=200)
+    clean = replace(view, mapping=torch.zeros_like(view.mapping), full_free=torch.zeros_like(view.full_free),
+                    swa_free=torch.zeros_like(view.swa_free))
+    clean.mapping[-1:].fill_(-1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run_probes(clean, impl=impl)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run_probes(clean, impl=impl)
+    graph.replay()
+    assert torch.equal(captured.packed, run_probes(clean, impl="torch").packed)
+    for target, source in ((clean.mapping, view.mapping), (clean.full_free, view.full_free),
+                           (clean.swa_free, view.swa_free)):
+        target.copy_(source)
+    graph.replay()
+    assert torch.equal(captured.packed, run_probes(clean, impl="torch").packed)
+    assert captured.packed[:, 0].sum().item() > 0

@@ -197,6 +197,14 @@ def host_findings(
     """
     size_full, size_swa, full_available, swa_available, available, full_free, swa_free = sizes
     ps = geometry.page_size
+    if (
+        full_available <= size_full
+        and swa_available <= size_swa
+        and full_available == full_free * ps
+        and swa_available == swa_free * ps
+        and available == min(full_available, swa_available)
+    ):
+        return {}  # every check below passes: the usual case, kept cheap
     found: dict[int, list[int]] = {}
     for row, name in enumerate(names):
         if name == "CONSERVE":

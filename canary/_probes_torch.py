@@ -273,7 +273,8 @@ def pack(mapping: Tensor, full_free: Tensor, swa_free: Tensor, plan: Plan) -> Te
     if layout.excess:
         free_bins = counts.as_strided((layout.spread - layout.free_full,), (1,), layout.free_full)
         rows_held = holds if ps == 1 else held.any(1)
-        amounts = torch.cat((free_bins, rows_held, used, layout.minus_units))
+        # One dtype: a mixed concatenation costs more than the conversions.
+        amounts = torch.cat((free_bins.long(), rows_held.long(), used.long(), layout.minus_units))
         excess = layout.no_excess.index_add(0, layout.pool_of, amounts)
         sources.append(excess > layout.zero_i64)
         offsets = offsets.index_add(0, layout.amount_runs, excess)

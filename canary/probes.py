@@ -162,10 +162,12 @@ class AllocatorView:
     in_free_group: bool
 
     def __post_init__(self) -> None:
-        for name in ("page_size", "size_full", "size_swa", "full_available", "swa_available", "available"):
-            value = getattr(self, name)
-            if isinstance(value, (bool, Tensor)) or not isinstance(value, int):
-                raise ProbeInputError(f"{name} must be a Python int, got {type(value).__name__}")
+        sizes = (self.page_size, self.size_full, self.size_swa, self.full_available, self.swa_available, self.available)
+        if any(type(value) is not int for value in sizes):  # the probes run after every step: check fast
+            for name in ("page_size", "size_full", "size_swa", "full_available", "swa_available", "available"):
+                value = getattr(self, name)
+                if isinstance(value, (bool, Tensor)) or not isinstance(value, int):
+                    raise ProbeInputError(f"{name} must be a Python int, got {type(value).__name__}")
         if self.page_size < 1:
             raise ProbeInputError(f"page_size must be >= 1, got {self.page_size}")
         for name in ("size_full", "size_swa"):
@@ -300,13 +302,17 @@ def run_probes(
     if isinstance(max_indices, bool) or not isinstance(max_indices, int) or max_indices < 0:
         raise ProbeInputError(f"max_indices must be an int >= 0, got {max_indices!r}")
     selected = _MODEL_FREE if names is None else _select(names)
-    implementation = _implementation(impl, view.mapping.device)
+    device = view.mapping.device
+    # The state machines call this after every step on CPU: the common case goes first.
+    implementation = _probes_torch if impl == "auto" and device.type == "cpu" else _implementation(impl, device)
     if not selected:
-        return ProbeResults((), torch.empty((0, max_indices + 1), dtype=torch.int64, device=view.mapping.device))
+        return ProbeResults((), torch.empty((0, max_indices + 1), dtype=torch.int64, device=device))
     probe_plan = plan(view.page_size, view.size_full, view.size_swa, selected, max_indices, view.in_free_group)
     packed = implementation.pack(view.mapping, view.full_free, view.swa_free, probe_plan)
-    if "CONSERVE" in selected or "AVAIL" in selected:
-        sizes = (
+    findings = host_findings(
+        selected,
+        probe_plan.geometry,
+        (
             view.size_full,
             view.size_swa,
             view.full_available,
@@ -314,10 +320,10 @@ def run_probes(
             view.available,
             view.full_free.numel(),
             view.swa_free.numel(),
-        )
-        findings = host_findings(selected, probe_plan.geometry, sizes)
-        if findings:
-            packed = put_findings(packed, findings)
+        ),
+    )
+    if findings:
+        packed = put_findings(packed, findings)
     return ProbeResults(selected, packed)
 
 

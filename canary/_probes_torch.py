@@ -64,34 +64,29 @@ class _Layout:
         self.size = self.spread + (entries + 1 if spread else 0) + 2
         # Entries clamp to -2..swa_slots; the sentinel always to -1, whose bin nothing reads,
         # so that it never counts as a peer (its own check reads `holds`).
-        low, high = torch.full((entries + 1,), -2), torch.full((entries + 1,), swa_slots)
-        low[-1] = high[-1] = -1
-        self.peer_low, self.peer_high = _on(device, low), _on(device, high)
-        unpaired = torch.zeros(entries + 1, dtype=torch.int64)
-        unpaired[-1] = -1
-        self.unpaired = _on(device, unpaired)  # holds = mapping != unpaired: "held", or a wrong sentinel
+        # (Constants are built with whole-tensor operations, never by assigning numbers
+        # through indexing: the first call may run under a guard against host copies.)
+        sentinel = torch.arange(entries + 1) == entries
+        self.peer_low = _on(device, torch.where(sentinel, -1, -2))
+        self.peer_high = _on(device, torch.where(sentinel, -1, swa_slots))
+        self.unpaired = _on(device, -sentinel.long())  # holds = mapping != unpaired: "held", or a wrong sentinel
         self.spread_bins = _on(device, torch.arange(self.spread, self.size)) if spread else None
-        empty = torch.zeros(self.size, **int32)
-        empty[self.one] = 1
-        self.empty_counts = _on(device, empty)  # counting starts from a copy of this
+        bins = torch.arange(self.size)
+        self.empty_counts = _on(device, (bins == self.one).int())  # counting starts from a copy of this
         self.unit = _on(device, torch.ones(1, **int32))
         self.no_excess = _on(device, torch.zeros(3, dtype=torch.int64))
-        thresholds = torch.full((self.size,), _NEVER, **int32)
+        thresholds = torch.where((bins >= 1) & (bins < swa_slots), 1, _NEVER)  # SWA slots 1..swa_slots-1
         for start, units in ((self.free_full, full_units), (self.free_swa, swa_units)):
-            thresholds[start : start + units + 3] = 1
-            thresholds[[start, start + 1, start + units + 2]] = 0
-        thresholds[1:swa_slots] = 1  # SWA slots 1..swa_slots-1
-        self.thresholds = _on(device, thresholds)
+            once = (bins >= start + 2) & (bins <= start + units + 1)  # values 1..units
+            thresholds = torch.where((bins >= start) & (bins < start + units + 3), once.long(), thresholds)
+        self.thresholds = _on(device, thresholds.int())
 
         # Per PEER bin (slots 0..swa_slots-1, then >= swa_slots, < -1, -1): the bin of
         # `positive` that says whether an entry there points at a faulty peer.
         slots = torch.arange(swa_slots)
-        fault = torch.cat((self.free_swa + slots // ps + 1, torch.full((3,), self.one)))
-        fault[0] = self.zero  # slot 0: no peer
-        self.fault_table = _on(device, fault)
-        pad_page = torch.zeros(swa_slots + 3, dtype=torch.bool)
-        pad_page[1:ps] = True
-        self.pad_page_table = _on(device, pad_page)
+        fault = torch.where(slots == 0, self.zero, self.free_swa + slots // ps + 1)  # slot 0: no peer
+        self.fault_table = _on(device, torch.cat((fault, torch.full((3,), self.one))))
+        self.pad_page_table = _on(device, torch.cat(((slots >= 1) & (slots < ps), torch.zeros(3, dtype=torch.bool))))
         self.row_free = _on(
             device,
             torch.cat((self.free_full + 1 + torch.arange(entries) // ps, torch.tensor([self.zero]))),
@@ -196,8 +191,8 @@ class _Layout:
         # index_add over (FREE_FULL and FREE_SWA bins, full units with an entry, SWA units
         # pointed into, -units); pool 2 takes what neither pool counts (unit 0, the sentinel).
         rows_held = entries + 1 if ps == 1 else self.rows  # at ps 1 the rows are the entries
-        pool_of = torch.full((rows_held,), 2)
-        pool_of[1 : full_units + 1] = 0
+        rows = torch.arange(rows_held)
+        pool_of = torch.where((rows >= 1) & (rows <= full_units), 0, 2)
         self.pool_of = _on(
             device,
             torch.cat(

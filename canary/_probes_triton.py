@@ -150,7 +150,8 @@ def _bin_flags(counts_ptr, block, bins_at, units, BLOCK: tl.constexpr):
 
 
 # ------------------------------------------------------------------ passes
-@triton.jit(do_not_specialize=_SIZES)
+# Free lists may be views at any offset (sglang slices its free list from the front).
+@triton.jit(do_not_specialize=_SIZES, do_not_specialize_on_alignment=["full_free_ptr", "swa_free_ptr"])
 def _count_free_kernel(
     full_free_ptr, full_len, swa_free_ptr, swa_len, counts_ptr, full_bins_at, swa_bins_at,
     full_units, swa_units, full_blocks, BLOCK: tl.constexpr,
@@ -369,10 +370,8 @@ class _Layout:
         self.scratch = self.counters_at + 2
         self.probes, self.width = len(plan.names), plan.max_indices
         self.paged = ps > 1
-        table = torch.full((len(Kind), 2), -1, dtype=torch.int64)
-        for row, checks in enumerate(plan.checks):
-            for check in checks:
-                table[check.kind] = torch.tensor([row, check.tag])
+        rows_and_tags = {check.kind: (row, check.tag) for row, checks in enumerate(plan.checks) for check in checks}
+        table = torch.tensor([rows_and_tags.get(kind, (-1, -1)) for kind in Kind], dtype=torch.int64)
         self.plan_table = table.to(device) if device.type != "cuda" else table.pin_memory().to(device, non_blocking=True)
 
 

@@ -2,7 +2,7 @@
 whole-tensor operations: the probes run after every step of the state machines, on small
 pools, where each operation's fixed cost is what counts.
 
-1. One histogram `counts` (int32). Region PEER: bin m for each entry m clamped to
+1. One histogram `counts` (int64, as the sums it feeds). Region PEER: bin m for each entry m clamped to
    -2..swa_slots; negative bins wrap to the end of `counts` (put_ takes Python-style negative
    indices), so entries need no shift. FREE_FULL / FREE_SWA: bin v + 1 of each free-list value
    v clamped to -1..units + 1. Two bins read as constants: ZERO is never counted, ONE
@@ -28,7 +28,7 @@ from torch import Tensor
 from canary._probe_plan import AMOUNTS, Kind, Plan, encode
 
 _INT64_MAX = torch.iinfo(torch.int64).max
-_NEVER = torch.iinfo(torch.int32).max
+_NEVER = torch.iinfo(torch.int64).max
 
 
 
@@ -52,12 +52,11 @@ class _Layout:
         entries, swa_slots = geometry.entries, geometry.swa_slots
         kinds = {check.kind for checks in plan.checks for check in checks}
         self.ps, self.rows, self.swa_units = ps, full_units + 1, swa_units
-        int32 = dict(dtype=torch.int32)
 
         # Histogram regions: PEER first (bins 0..swa_slots; -2 and -1 wrap to the last two).
-        self.zero = swa_slots + 1
-        self.one = self.zero + 1
-        self.free_full = self.one + 1
+        self.zero_bin = swa_slots + 1
+        self.one_bin = self.zero_bin + 1
+        self.free_full = self.one_bin + 1
         self.free_swa = self.free_full + full_units + 3
         self.spread = self.free_swa + swa_units + 3
         spread = device.type == "cuda"
@@ -72,30 +71,30 @@ class _Layout:
         self.unpaired = _on(device, -sentinel.long())  # holds = mapping != unpaired: "held", or a wrong sentinel
         self.spread_bins = _on(device, torch.arange(self.spread, self.size)) if spread else None
         bins = torch.arange(self.size)
-        self.empty_counts = _on(device, (bins == self.one).int())  # counting starts from a copy of this
-        self.unit = _on(device, torch.ones(1, **int32))
+        self.empty_counts = _on(device, (bins == self.one_bin).long())  # counting starts from a copy of this
+        self.unit = _on(device, torch.ones(1, dtype=torch.int64))
         self.no_excess = _on(device, torch.zeros(3, dtype=torch.int64))
         thresholds = torch.where((bins >= 1) & (bins < swa_slots), 1, _NEVER)  # SWA slots 1..swa_slots-1
         for start, units in ((self.free_full, full_units), (self.free_swa, swa_units)):
             once = (bins >= start + 2) & (bins <= start + units + 1)  # values 1..units
             thresholds = torch.where((bins >= start) & (bins < start + units + 3), once.long(), thresholds)
-        self.thresholds = _on(device, thresholds.int())
+        self.thresholds = _on(device, thresholds)
 
         # Per PEER bin (slots 0..swa_slots-1, then >= swa_slots, < -1, -1): the bin of
         # `positive` that says whether an entry there points at a faulty peer.
         slots = torch.arange(swa_slots)
-        fault = torch.where(slots == 0, self.zero, self.free_swa + slots // ps + 1)  # slot 0: no peer
-        self.fault_table = _on(device, torch.cat((fault, torch.full((3,), self.one))))
+        fault = torch.where(slots == 0, self.zero_bin, self.free_swa + slots // ps + 1)  # slot 0: no peer
+        self.fault_table = _on(device, torch.cat((fault, torch.full((3,), self.one_bin))))
         self.pad_page_table = _on(device, torch.cat(((slots >= 1) & (slots < ps), torch.zeros(3, dtype=torch.bool))))
         self.row_free = _on(
             device,
-            torch.cat((self.free_full + 1 + torch.arange(entries) // ps, torch.tensor([self.zero]))),
+            torch.cat((self.free_full + 1 + torch.arange(entries) // ps, torch.tensor([self.zero_bin]))),
         )
         self.offsets_in_page = _on(device, torch.arange(ps))
         self.minus_one, self.ps_t = _on(device, -1), _on(device, ps)
         self.full_bound, self.swa_bound = _on(device, full_units + 1), _on(device, swa_units + 1)
         self.full_shift, self.swa_shift = _on(device, self.free_full + 1), _on(device, self.free_swa + 1)
-        self.zero_i32, self.zero_i64, self.largest = _on(device, 0, torch.int32), _on(device, 0), _on(device, _INT64_MAX)
+        self.zero, self.largest = _on(device, 0), _on(device, _INT64_MAX)
 
         # Which sources the plan reads, and where each starts in `sources`.
         self.fault, self.pad_page = Kind.PEER_FAULT in kinds, Kind.PAD_PAGE_PEER in kinds
@@ -235,7 +234,7 @@ def pack(mapping: Tensor, full_free: Tensor, swa_free: Tensor, plan: Plan) -> Te
         )
     )
     counts = layout.empty_counts.put(index, layout.unit.expand(index.shape[0]), accumulate=True)
-    positive = counts > layout.zero_i32
+    positive = counts > layout.zero
 
     sources = [layout.constants]
     if layout.repeated_kinds:
@@ -256,7 +255,7 @@ def pack(mapping: Tensor, full_free: Tensor, swa_free: Tensor, plan: Plan) -> Te
         base = mapping.as_strided((layout.rows, ps), (ps, 1)) - layout.offsets_in_page
         masked = torch.where(held, base, layout.largest)
         smallest = masked.amin(1, keepdim=True)
-        unaligned = torch.remainder(smallest, layout.ps_t) != layout.zero_i64
+        unaligned = torch.remainder(smallest, layout.ps_t) != layout.zero
         sources.append(((masked != smallest) | unaligned).logical_and_(held).view(-1))
     if layout.orphan or layout.excess:
         # SWA units 1..swa_units that some entry points into (slots and bins from ps).
@@ -269,9 +268,9 @@ def pack(mapping: Tensor, full_free: Tensor, swa_free: Tensor, plan: Plan) -> Te
         free_bins = counts.as_strided((layout.spread - layout.free_full,), (1,), layout.free_full)
         rows_held = holds if ps == 1 else held.any(1)
         # One dtype: a mixed concatenation costs more than the conversions.
-        amounts = torch.cat((free_bins.long(), rows_held.long(), used.long(), layout.minus_units))
+        amounts = torch.cat((free_bins, rows_held.long(), used.long(), layout.minus_units))
         excess = layout.no_excess.index_add(0, layout.pool_of, amounts)
-        sources.append(excess > layout.zero_i64)
+        sources.append(excess > layout.zero)
         offsets = offsets.index_add(0, layout.amount_runs, excess)
 
     flags = torch.cat(sources).index_select(0, layout.order)

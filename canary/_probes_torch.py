@@ -2,11 +2,11 @@
 whole-tensor operations: the probes run after every step of the state machines, on small
 pools, where each operation's fixed cost is what counts.
 
-1. One histogram `counts` (int64, as the sums it feeds). Region PEER: bin m for each entry m clamped to
-   -2..swa_slots; negative bins wrap to the end of `counts` (put_ takes Python-style negative
-   indices), so entries need no shift. FREE_FULL / FREE_SWA: bin v + 1 of each free-list value
-   v clamped to -1..units + 1. Two bins read as constants: ZERO is never counted, ONE
-   starts at 1. On CUDA, entries with no peer are spread over bins of
+1. One histogram `counts` (int64, like the sums it feeds). Region PEER: bin m for each entry
+   m clamped to -2..swa_slots; negative bins wrap to the end of `counts` (put takes
+   Python-style negative indices), so entries need no shift. FREE_FULL / FREE_SWA: bin v + 1
+   of each free-list value v clamped to -1..units + 1. Two bins read as constants: ZERO is
+   never counted, ONE starts at 1. On CUDA, entries with no peer are spread over bins of
    their own (SPREAD) instead of millions of atomic adds on one counter.
 2. `positive` = counts > 0, `repeated` = counts > a per-bin threshold (1 where a value may
    appear once, 0 where it may not appear at all).
@@ -17,8 +17,12 @@ pools, where each operation's fixed cost is what counts.
    cached index; each probe's items are followed by K constant-true separators coded -1.
 5. One cumulative sum ranks the flags; a binary search finds each probe's first K flagged
    positions, and a second search in the run starts turns positions into codes.
-Every constant depends only on the geometry, the plan and the device, and is built once.
+Every constant depends only on the geometry, the plan and the device, and is built once: on
+the order of a hundred bytes per token, which the Triton path (the default on CUDA) does
+without.
 """
+
+from __future__ import annotations
 
 import functools
 
@@ -28,16 +32,14 @@ from torch import Tensor
 from canary._probe_plan import AMOUNTS, Kind, Plan, encode
 
 _INT64_MAX = torch.iinfo(torch.int64).max
-_NEVER = torch.iinfo(torch.int64).max
 
 
-
-def _on(device: torch.device, values: Tensor | int, dtype: torch.dtype = torch.int64) -> Tensor:
+def _on(device: torch.device, values: Tensor | int) -> Tensor:
     """A constant built on the host, copied to the device without a synchronisation. Python
     numbers become 0-dim tensors: an operation with a tensor argument skips wrapping a number
     at each call."""
     if not isinstance(values, Tensor):
-        values = torch.tensor(values, dtype=dtype)
+        values = torch.tensor(values, dtype=torch.int64)
     if device.type == "cuda":
         return values.pin_memory().to(device, non_blocking=True)
     return values.to(device)
@@ -74,7 +76,7 @@ class _Layout:
         self.empty_counts = _on(device, (bins == self.one_bin).long())  # counting starts from a copy of this
         self.unit = _on(device, torch.ones(1, dtype=torch.int64))
         self.no_excess = _on(device, torch.zeros(3, dtype=torch.int64))
-        thresholds = torch.where((bins >= 1) & (bins < swa_slots), 1, _NEVER)  # SWA slots 1..swa_slots-1
+        thresholds = torch.where((bins >= 1) & (bins < swa_slots), 1, _INT64_MAX)  # SWA slots 1..swa_slots-1
         for start, units in ((self.free_full, full_units), (self.free_swa, swa_units)):
             once = (bins >= start + 2) & (bins <= start + units + 1)  # values 1..units
             thresholds = torch.where((bins >= start) & (bins < start + units + 3), once.long(), thresholds)

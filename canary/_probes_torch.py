@@ -71,7 +71,7 @@ class _Layout:
         self.peer_low = _on(device, torch.where(sentinel, -1, -2))
         self.peer_high = _on(device, torch.where(sentinel, -1, swa_slots))
         self.unpaired = _on(device, -sentinel.long())  # holds = mapping != unpaired: "held", or a wrong sentinel
-        self.spread_bins = _on(device, torch.arange(self.spread, self.size)) if spread else None
+        self.spread_bins = _on(device, torch.arange(self.spread, self.spread + entries + 1)) if spread else None
         bins = torch.arange(self.size)
         self.empty_counts = _on(device, (bins == self.one_bin).long())  # counting starts from a copy of this
         self.unit = _on(device, torch.ones(1, dtype=torch.int64))

@@ -27,7 +27,7 @@ from allocator import PagedTokenToKVPoolAllocator, SWATokenToKVPoolAllocator, To
 from allocator.free_list import FreeListAllocator, Reservation
 from allocator.paged import decode_indices, extend_indices
 from allocator.swa import SWAState
-from properties.targets import AllocatorConfig
+from properties.targets import AllocatorConfig, build_allocator
 
 
 class Mutant(SWATokenToKVPoolAllocator):
@@ -532,15 +532,7 @@ def mutant_factory(name: str) -> Callable[[AllocatorConfig], Mutant]:
     mutant = MUTANTS[name]
 
     def factory(config: AllocatorConfig) -> Mutant:
-        return mutant(
-            config.size,
-            config.size_swa,
-            config.page_size,
-            config.dtype,
-            config.device,
-            need_sort=config.need_sort,
-            checked=mutant.checked_mode,
-        )
+        return build_allocator(mutant, config, checked=mutant.checked_mode)
 
     factory.__name__ = f"mutant:{name}"
     return factory

@@ -17,34 +17,12 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 DEFAULT_DATABASE = os.path.join(".hypothesis", "examples")
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
-settings.register_profile(
-    "ci",
-    max_examples=40,
-    stateful_step_count=40,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=_SLOW_IS_FINE,
-)
-settings.register_profile(
-    "dev",
-    max_examples=60,
-    stateful_step_count=50,
-    database=DirectoryBasedExampleDatabase(DEFAULT_DATABASE),
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=_SLOW_IS_FINE,
-)
-settings.register_profile(
-    "nightly",
-    max_examples=5_000,
-    stateful_step_count=100,
-    database=DirectoryBasedExampleDatabase(DEFAULT_DATABASE),
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=_SLOW_IS_FINE,
-)
+_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=_SLOW_IS_FINE)
+_LOCAL_DATABASE = DirectoryBasedExampleDatabase(DEFAULT_DATABASE)
+
+settings.register_profile("ci", max_examples=40, stateful_step_count=40, derandomize=True, database=None, **_COMMON)
+settings.register_profile("dev", max_examples=60, stateful_step_count=50, database=_LOCAL_DATABASE, **_COMMON)
+settings.register_profile("nightly", max_examples=5_000, stateful_step_count=100, database=_LOCAL_DATABASE, **_COMMON)
 
 PROFILES = ("ci", "dev", "nightly")
 

@@ -122,17 +122,24 @@ def with_contract_changes(target: Target, relax: Iterable[str] = (), restrict: I
     return Target(f"{target.name} [{' '.join(changes)}]", target.factory, after)
 
 
-def reference_factory(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
-    """The built-in reference allocator, in checked mode."""
-    return SWATokenToKVPoolAllocator(
+def build_allocator(
+    allocator_class: type[SWATokenToKVPoolAllocator], config: AllocatorConfig, checked: bool
+) -> SWATokenToKVPoolAllocator:
+    """The reference allocator, or a subclass of it, built from a config."""
+    return allocator_class(
         config.size,
         config.size_swa,
         config.page_size,
         config.dtype,
         config.device,
         need_sort=config.need_sort,
-        checked=True,
+        checked=checked,
     )
+
+
+def reference_factory(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
+    """The built-in reference allocator, in checked mode."""
+    return build_allocator(SWATokenToKVPoolAllocator, config, checked=True)
 
 
 def sglang_factory(config: AllocatorConfig) -> Any:

@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--machines", nargs="*", default=["RequestMachinePS1", "RequestMachinePS16", "SlotMachine"])
     args = parser.parse_args()
     classes = machine_classes("reference", args.device)
-    print(f"| machine | device | steps | steps/s | harness µs/step | bare µs/call | overhead ratio |")
+    print("| machine | device | steps | steps/s | harness µs/step | bare µs/call | overhead ratio |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name in args.machines:
         steps, seconds, logs = run_harness(classes[name], args.seconds)

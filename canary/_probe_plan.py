@@ -41,7 +41,6 @@ import functools
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
 TAG_SHIFT = 40

@@ -8,7 +8,6 @@ and reported with its invariant, severity and minimal program; the check stops t
 from __future__ import annotations
 
 import random
-import re
 import sys
 import time
 from collections import Counter

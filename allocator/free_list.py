@@ -22,7 +22,12 @@ from typing import Callable
 import torch
 
 from allocator.errors import DoubleFreeError, FreeGroupError, InvalidStateError
-from allocator.validation import canonical_device, check_pool_config, check_range, check_vector
+from allocator.validation import (
+    canonical_device,
+    check_pool_config,
+    check_range,
+    check_vector,
+)
 
 
 @dataclass(frozen=True)

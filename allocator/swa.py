@@ -28,7 +28,13 @@ from allocator.errors import (
 from allocator.free_list import FreeListAllocator, PoolState, Reservation
 from allocator.paged import PagedTokenToKVPoolAllocator
 from allocator.token import TokenToKVPoolAllocator
-from allocator.validation import canonical_device, check_count, check_pool_config, check_range, check_vector
+from allocator.validation import (
+    canonical_device,
+    check_count,
+    check_pool_config,
+    check_range,
+    check_vector,
+)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from properties.campaign import CampaignConfig, run_campaign
-from properties.campaign_progress import ProgressDisplay
+from properties.campaign.progress import ProgressDisplay
 
 
 def steady_rate(statuses: list[dict], warmup: float) -> tuple[float, float]:

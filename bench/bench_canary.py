@@ -9,7 +9,7 @@ detector over the batch, the packing into one buffer and its copy into pinned ho
 eager = calls back to back (host launch cost shows where it exceeds GPU time); graph = the
 monitor's step captured in a CUDA graph and replayed (GPU time alone).
 
-Table 2: the serving simulator (properties.simulate) stepped with the canary off, every 16
+Table 2: the serving simulator (canary.simulate) stepped with the canary off, every 16
 steps and every step, the three runs interleaved step by step so that they share the
 machine's state; ms per step includes waiting for the GPU at the end of each step. The sync
 columns count host synchronisations per step (torch.cuda sync debug mode) in the scheduler's
@@ -35,8 +35,8 @@ from bench.bench_divergence import eager_us, graph_us
 from bench.bench_probes import allocate
 from canary.monitor import attach
 from canary.probes import AllocatorView, run_probes
+from canary.simulate import SimulationConfig, Simulator
 from canary.sweep import Batch, sweep, sweep_rows
-from properties.simulate import SimulationConfig, Simulator
 
 
 def serving_state(

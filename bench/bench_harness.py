@@ -14,14 +14,15 @@ import argparse
 import time
 
 import torch
-from hypothesis import seed as hypothesis_seed, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
 import properties.settings  # noqa: F401  registers the profiles
 from allocator import AllocatorError
-from properties.check import Stats, bind_stats
-from properties.driver import AllocatorDriver
 from properties.machines import machine_classes
+from properties.machines.driver import AllocatorDriver
+from properties.runners.check import Stats, bind_stats
 from properties.targets import AllocatorConfig, reference_factory
 
 

@@ -2,18 +2,15 @@
 model-free probes (SPEC §2), the divergence detector (§3) and the runtime monitor (§4)."""
 
 from canary.divergence import DivergenceCounts, detect_divergence
-from canary.monitor import CanaryMonitor, attach
-from canary.probes import (
+from canary.invariants import (
     INVARIANTS,
-    AllocatorView,
     Invariant,
     InvariantViolation,
-    ProbeInputError,
-    ProbeResults,
     Severity,
     Violation,
-    run_probes,
 )
+from canary.monitor import CanaryMonitor, attach
+from canary.probes import AllocatorView, ProbeInputError, ProbeResults, run_probes
 
 __all__ = [
     "CanaryMonitor",

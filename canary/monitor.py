@@ -36,10 +36,18 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from canary.probes import AllocatorView, InvariantViolation, Severity, run_probes
+from canary.invariants import InvariantViolation, Severity
+from canary.probes import AllocatorView, run_probes
 from canary.report import CanaryRecord, Reporter
 from canary.snapshot import Snapshot
-from canary.sweep import DIVERGENCE_INVARIANTS, Batch, SweepResult, read_sweep, sweep, sweep_rows
+from canary.sweep import (
+    DIVERGENCE_INVARIANTS,
+    Batch,
+    SweepResult,
+    read_sweep,
+    sweep,
+    sweep_rows,
+)
 
 MODES = ("off", "warn", "strict")
 LOGGER_NAME = "swa_canary"

@@ -17,7 +17,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from canary.probes import INVARIANTS, Severity, Violation
+from canary.invariants import INVARIANTS, Severity, Violation
 
 RECORD_PREFIX = "SWA_CANARY "
 DISABLED_PREFIX = "SWA_CANARY_DISABLED "
@@ -213,7 +213,8 @@ class _PrometheusMetrics:
     _by_registry: "weakref.WeakKeyDictionary[Any, _PrometheusMetrics]" = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter as PromCounter, Gauge
+        from prometheus_client import Counter as PromCounter
+        from prometheus_client import Gauge
 
         def counter(name: str, help_text: str, *labels: str) -> PromCounter:
             return PromCounter(name, help_text, ["monitor", *labels], registry=registry)

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from canary.divergence import DivergenceCounts, detect_divergence
-from canary.probes import INVARIANTS, AllocatorView, ProbeResults, Violation, run_probes
+from canary.invariants import INVARIANTS, Violation
+from canary.probes import AllocatorView, ProbeResults, run_probes
 
 DIVERGENCE_KINDS: tuple[str, ...] = tuple(field.name for field in fields(DivergenceCounts))
 

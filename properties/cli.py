@@ -13,18 +13,29 @@ import torch
 
 from canary.divergence import DivergenceInputError
 from canary.probes import ProbeInputError
+from canary.simulate import (
+    INJECTIONS,
+    SimulationConfig,
+    SimulationConfigError,
+    simulate,
+)
 from canary.snapshot import Snapshot, SnapshotError, replay
 from canary.sweep import SweepInputError
 from properties.campaign import CampaignConfig, CampaignConfigError, run_campaign
-from properties.campaign_database import CampaignDatabaseError, DatabaseSpec
-from properties.campaign_resume import replay_finding
-from properties.check import print_progress, run_check
+from properties.campaign.database import CampaignDatabaseError, DatabaseSpec
+from properties.campaign.resume import replay_finding
 from properties.machines import MACHINES
-from properties.mutants import MUTANTS
-from properties.selfcheck import MutantResult, run_selfcheck
-from properties.simulate import INJECTIONS, SimulationConfig, SimulationConfigError, simulate
-from properties.differential import differential_target
-from properties.targets import RESTRICTIONS, Target, TargetError, resolve_target, with_contract_changes
+from properties.runners.check import print_progress, run_check
+from properties.runners.differential import differential_target
+from properties.runners.selfcheck import MutantResult, run_selfcheck
+from properties.targets import (
+    RESTRICTIONS,
+    Target,
+    TargetError,
+    resolve_target,
+    with_contract_changes,
+)
+from properties.targets.mutants import MUTANTS
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 

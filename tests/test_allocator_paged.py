@@ -12,10 +12,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from allocator import PagedTokenToKVPoolAllocator
 from loop_reference import decode_indices_loop, extend_indices_loop
 from test_bad_input import decode_args, extend_args, ids
+
+from allocator import PagedTokenToKVPoolAllocator
 
 
 def paged(size: int, page_size: int, device: torch.device, need_sort: bool = False) -> PagedTokenToKVPoolAllocator:

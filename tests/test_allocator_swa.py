@@ -11,10 +11,15 @@ from typing import Callable
 
 import pytest
 import torch
-
-from allocator import DoubleFreeError, FreeGroupError, SWAPeerHeldError, SWATokenToKVPoolAllocator
-from allocator.golden import nonzero_mapping
 from test_bad_input import decode_args, extend_args, ids, snapshot_state
+
+from allocator import (
+    DoubleFreeError,
+    FreeGroupError,
+    SWAPeerHeldError,
+    SWATokenToKVPoolAllocator,
+)
+from allocator.golden import nonzero_mapping
 
 
 def swa(

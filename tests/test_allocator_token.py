@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_bad_input import ids
 
 from allocator import TokenToKVPoolAllocator
-from test_bad_input import ids
 
 
 def free_lists(pool: TokenToKVPoolAllocator) -> tuple[list[int], list[int]]:

@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import broken
 import pytest
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-import broken
 from allocator import SWATokenToKVPoolAllocator
 from properties.campaign import CampaignConfig, run_campaign
-from properties.campaign_database import DatabaseSpec, ResilientRedisDatabase
-from properties.campaign_progress import ProgressDisplay
-from properties.export import REPORT_NAME, exported_findings, load_report
+from properties.campaign.database import DatabaseSpec, ResilientRedisDatabase
+from properties.campaign.progress import ProgressDisplay
+from properties.runners.export import REPORT_NAME, exported_findings, load_report
 from properties.targets import AllocatorConfig
 
 REPO = Path(__file__).resolve().parents[1]

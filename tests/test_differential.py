@@ -7,11 +7,17 @@ import torch
 
 from allocator import SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
 from allocator.errors import AllocatorError
-from canary.probes import InvariantViolation
-from properties.check import run_check
+from canary.invariants import InvariantViolation
 from properties.cli import EXIT_CLEAN, EXIT_USAGE, main
-from properties.differential import DifferentialAllocator, differential_target
-from properties.targets import AllocatorConfig, Target, TargetContract, reference_factory, resolve_target
+from properties.runners.check import run_check
+from properties.runners.differential import DifferentialAllocator, differential_target
+from properties.targets import (
+    AllocatorConfig,
+    Target,
+    TargetContract,
+    reference_factory,
+    resolve_target,
+)
 
 REFERENCE = resolve_target("reference")
 

@@ -34,7 +34,7 @@ def triton_ready():
         return
     patch = pytest.MonkeyPatch()
     patch.setenv("TRITON_INTERPRET", "1")
-    kernels = importlib.reload(importlib.import_module("canary._divergence_triton"))
+    kernels = importlib.reload(importlib.import_module("canary.divergence.triton_backend"))
     assert kernels.INTERPRETED
     yield
     patch.undo()
@@ -293,7 +293,7 @@ def test_bad_input_raises_typed_error(change, message):
 
 @requires_triton
 def test_triton_on_cpu_without_interpreter_is_rejected():
-    kernels = importlib.import_module("canary._divergence_triton")
+    kernels = importlib.import_module("canary.divergence.triton_backend")
     if kernels.INTERPRETED:
         pytest.skip("kernels were built for the interpreter in this process")
     with pytest.raises(DivergenceInputError, match="needs CUDA tensors"):

@@ -8,12 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import broken
 import pytest
 
-import broken
 from allocator import SWATokenToKVPoolAllocator
-from properties.check import Finding
-from properties.export import (
+from properties.runners.check import Finding
+from properties.runners.export import (
     REPORT_NAME,
     call_source,
     export_finding,

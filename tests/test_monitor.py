@@ -11,11 +11,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_probes import BUGS, Bug, NoHostSync, allocate, as_tensor, build
 
 from allocator import SWATokenToKVPoolAllocator
 from canary import sweep as sweep_module
+from canary.invariants import InvariantViolation, Severity
 from canary.monitor import CanaryConfigError, CanaryMonitor, attach
-from canary.probes import AllocatorView, InvariantViolation, ProbeInputError, Severity
+from canary.probes import AllocatorView, ProbeInputError
 from canary.report import (
     DISABLED_PREFIX,
     CanaryRecord,
@@ -27,7 +29,6 @@ from canary.report import (
 from canary.snapshot import Snapshot, SnapshotError, replay
 from canary.sweep import Batch
 from properties.cli import main
-from test_probes import BUGS, Bug, NoHostSync, allocate, as_tensor, build
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 WINDOW = 4
@@ -519,7 +520,7 @@ def test_replay_rejects_what_is_not_a_snapshot(tmp_path, capsys: pytest.CaptureF
 
 # -------------------------------------------------------------------- CUDA
 def simulator(every: int, steps: int = 200):
-    from properties.simulate import SimulationConfig, Simulator
+    from canary.simulate import SimulationConfig, Simulator
 
     config = SimulationConfig(
         steps=steps, page_size=16, size=1 << 16, size_swa=1 << 14, window=256, device="cuda", every=every,

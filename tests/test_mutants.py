@@ -15,12 +15,12 @@ import json
 
 import pytest
 
-from canary.probes import INVARIANTS
-from properties.check import CheckReport, run_check
+from canary.invariants import INVARIANTS
 from properties.cli import main
-from properties.differential import differential_target
-from properties.mutants import MUTANTS, Mutant, mutant_factory
+from properties.runners.check import CheckReport, run_check
+from properties.runners.differential import differential_target
 from properties.targets import as_target
+from properties.targets.mutants import MUTANTS, Mutant, mutant_factory
 
 SEED = 1
 BUDGET = 60.0

@@ -10,26 +10,18 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Callable
 
+import broken
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_bad_input import decode_args, extend_args
 from torch.overrides import TorchFunctionMode
 
-import broken
 from allocator import SWATokenToKVPoolAllocator
-from canary.probes import (
-    INVARIANTS,
-    AllocatorView,
-    InvariantViolation,
-    ProbeInputError,
-    ProbeResults,
-    Severity,
-    Violation,
-    run_probes,
-)
-from canary._probe_plan import CHECK_DETAILS
-from test_bad_input import decode_args, extend_args
+from canary.invariants import INVARIANTS, InvariantViolation, Severity, Violation
+from canary.probes import AllocatorView, ProbeInputError, ProbeResults, run_probes
+from canary.probes.plan import CHECK_DETAILS
 
 MODEL_FREE = ("SENTINEL", "PAD", "NODUP", "CONSERVE", "SWA_LE_FULL", "AVAIL", "STALE", "PAGE")
 
@@ -570,7 +562,7 @@ def triton_kernels(request: pytest.FixtureRequest):
     patch = pytest.MonkeyPatch()
     if not HAS_CUDA:
         patch.setenv("TRITON_INTERPRET", "1")
-    kernels = importlib.reload(importlib.import_module("canary._probes_triton"))
+    kernels = importlib.reload(importlib.import_module("canary.probes.triton_backend"))
     assert kernels.INTERPRETED == (not HAS_CUDA)
     if request.param is not None:
         patch.setattr(kernels, "_TILE", request.param)
@@ -670,7 +662,7 @@ def test_impl_is_checked() -> None:
 
 @requires_triton
 def test_compiled_triton_needs_cuda_tensors() -> None:
-    kernels = importlib.import_module("canary._probes_triton")
+    kernels = importlib.import_module("canary.probes.triton_backend")
     if kernels.INTERPRETED:
         pytest.skip("kernels were built for the interpreter in this process")
     with pytest.raises(ProbeInputError, match="needs CUDA tensors"):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from properties.check import run_check
-from properties.differential import differential_target
+from properties.runners.check import run_check
+from properties.runners.differential import differential_target
 from properties.targets import resolve_target, with_contract_changes
 
 pytestmark = pytest.mark.sglang

@@ -6,19 +6,19 @@ from __future__ import annotations
 import io
 import logging
 
+import broken
 import pytest
 import torch
 
-import broken
-import properties.simulate as simulate_module
-from properties.cli import main
-from properties.simulate import (
+import canary.simulate as simulate_module
+from canary.simulate import (
     INJECTIONS,
     Progress,
     SimulationConfig,
     SimulationConfigError,
     Simulator,
 )
+from properties.cli import main
 
 SMALL = dict(
     size=4096, size_swa=2048, window=64, max_running=12, prefill_budget=256, prompt_tokens=(8, 200),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from allocator import SWATokenToKVPoolAllocator
-from properties.check import run_check
+from properties.runners.check import run_check
 from properties.targets import (
     RESTRICTIONS,
     SGLANG_CONTRACT,

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from canary.probes import INVARIANTS, AllocatorView, InvariantViolation, Violation
+from canary.invariants import INVARIANTS, InvariantViolation, Violation
+from canary.probes import AllocatorView
 from properties.targets import AllocatorConfig, Target
 
 # What the machines and probes read from an allocator without calling it; read from the first.

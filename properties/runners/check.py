@@ -14,11 +14,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, TextIO
 
-from hypothesis import Phase, seed as hypothesis_seed, settings
+from hypothesis import Phase, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis.stateful import run_state_machine_as_test
 
 import properties.settings  # noqa: F401  registers our "ci" profile over Hypothesis's own
-from canary.probes import InvariantViolation
+from canary.invariants import InvariantViolation
 from properties.machines import AllocatorMachine, machine_classes
 from properties.targets import Factory, Target, as_target
 

@@ -16,9 +16,9 @@ import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from properties.campaign_database import DatabaseSpec
-from properties.campaign_worker import DATABASE, PASS_NAMES, rerun
-from properties.export import load_report, run_regression
+from properties.campaign.database import DatabaseSpec
+from properties.campaign.worker import DATABASE, PASS_NAMES, rerun
+from properties.runners.export import load_report, run_regression
 from properties.targets import resolve_target
 
 FAILS, PASSES, CRASHES = "fails", "passes", "crashes"

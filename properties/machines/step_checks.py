@@ -14,8 +14,9 @@ from typing import Any, Iterable
 
 import torch
 
-from canary.probes import INVARIANTS, AllocatorView, ProbeResults, Violation, run_probes
-from properties.model import PoolModel, Request, SWAModel
+from canary.invariants import INVARIANTS, Violation
+from canary.probes import AllocatorView, ProbeResults, run_probes
+from properties.machines.model import PoolModel, Request, SWAModel
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from hypothesis import event, strategies as st
+from hypothesis import event
+from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
@@ -27,10 +28,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from canary.probes import InvariantViolation
-from properties.checks import Expectation, Observed, check_step, observe
-from properties.driver import AllocatorDriver
-from properties.model import Request, SWAModel, ceil_div
+from canary.invariants import InvariantViolation
+from properties.machines.driver import AllocatorDriver
+from properties.machines.model import Request, SWAModel, ceil_div
+from properties.machines.step_checks import Expectation, Observed, check_step, observe
 from properties.targets import (
     SPEC_CONTRACT,
     AllocatorConfig,

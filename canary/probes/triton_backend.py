@@ -14,7 +14,7 @@ data-dependent shape, no host synchronisation, capturable in a CUDA graph):
    PAD_ROW, the CONSERVE amounts) and writes every row's count, those items and the padding.
 5. `_collect_kernel` revisits only the blocks that hold one of their probe's first K items and
    writes those items' codes.
-The checks and their order are `canary._probe_plan`'s; the results equal the torch
+The checks and their order are `canary.probes.plan`'s; the results equal the torch
 implementation's exactly.
 """
 
@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 from triton import knobs
 
-from canary._probe_plan import CHECK_DETAILS, Kind, Plan
+from canary.probes.plan import CHECK_DETAILS, Kind, Plan
 
 # Kernels are built for the interpreter when TRITON_INTERPRET=1 was set at import time; only
 # then may they run on CPU tensors.

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from allocator.golden import CPU_ARGS, TENSOR_ARGS
-from properties.check import Finding
-from properties.driver import AllocatorDriver
+from properties.machines.driver import AllocatorDriver
+from properties.runners.check import Finding
 from properties.targets import AllocatorConfig, Factory, Target, reference_factory
 
 REPORT_NAME = "report.json"

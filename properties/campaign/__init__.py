@@ -32,12 +32,12 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from properties.campaign_database import DatabaseSpec, check_redis_available
-from properties.campaign_progress import ProgressDisplay
-from properties.campaign_resume import PASSES, check_known
-from properties.campaign_worker import PASS_NAMES, WorkerPlan, worker_main
-from properties.export import exported_findings, write_crash
+from properties.campaign.database import DatabaseSpec, check_redis_available
+from properties.campaign.progress import ProgressDisplay
+from properties.campaign.resume import PASSES, check_known
+from properties.campaign.worker import PASS_NAMES, WorkerPlan, worker_main
 from properties.machines import MACHINES
+from properties.runners.export import exported_findings, write_crash
 from properties.targets import resolve_target
 
 CRASH_WINDOW_SECONDS = 60.0

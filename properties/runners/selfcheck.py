@@ -1,6 +1,6 @@
 """`swa-canary selfcheck`: does the harness catch real bugs, and only real ones?
 
-Runs the check (`properties.check.run_check`) on every mutant of `properties.mutants`, and on
+Runs the check (`properties.check.run_check`) on every mutant of `properties.targets.mutants`, and on
 the reference allocator, each with the same time budget and master seed. Each mutant is
 checked twice with that budget: once without shrinking, for the time to detect, and once
 with it, for the minimal program (shrinking usually costs far more than finding). A mutant
@@ -16,8 +16,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from properties.check import CheckReport, run_check
-from properties.mutants import MUTANTS, mutant_factory
+from properties.runners.check import CheckReport, run_check
+from properties.targets.mutants import MUTANTS, mutant_factory
 
 
 @dataclass

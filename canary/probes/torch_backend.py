@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import Tensor
 
-from canary._probe_plan import AMOUNTS, Kind, Plan, encode
+from canary.probes.plan import AMOUNTS, Kind, Plan, encode
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 

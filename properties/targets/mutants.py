@@ -23,7 +23,11 @@ from typing import Callable
 
 import torch
 
-from allocator import PagedTokenToKVPoolAllocator, SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
+from allocator import (
+    PagedTokenToKVPoolAllocator,
+    SWATokenToKVPoolAllocator,
+    TokenToKVPoolAllocator,
+)
 from allocator.free_list import FreeListAllocator, Reservation
 from allocator.paged import decode_indices, extend_indices
 from allocator.swa import SWAState

@@ -26,16 +26,17 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
-from hypothesis import Phase, seed as hypothesis_seed, settings
+from hypothesis import Phase, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis.database import ExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
 from hypothesis.statistics import collector
 
 import properties.settings  # noqa: F401  registers the nightly profile
-from properties.campaign_database import DatabaseSpec
-from properties.check import Stats, bind_stats, finding_from
-from properties.export import export_finding
+from properties.campaign.database import DatabaseSpec
 from properties.machines import AllocatorMachine, machine_classes
+from properties.runners.check import Stats, bind_stats, finding_from
+from properties.runners.export import export_finding
 from properties.targets import resolve_target
 
 SEARCH, DATABASE = 0, 1

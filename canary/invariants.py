@@ -1,83 +1,154 @@
 """The invariant registry (SPEC §2): every invariant's name, severity and meaning.
 
 State machines, the runtime canary, reports and findings all name invariants through this one
-registry; `canary.probes` checks the model-free ones from allocator state alone.
+registry, by `Name`; `canary.probes` checks the model-free ones from allocator state alone.
+Besides the SPEC's invariants, the registry holds the kinds of finding the harness itself
+reports about a target (CONTRACT, DIFFERENTIAL, CRASH, HANG), so every finding has one name,
+severity and meaning wherever it is printed.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
+
+
+class Name(str, enum.Enum):
+    """An invariant's name. A `str`, so it compares equal to, hashes like and serialises as
+    the bare name ("NODUP"): JSON reports, finding folders and old exported tests keep working."""
+
+    SENTINEL = "SENTINEL"
+    PAD = "PAD"
+    NODUP = "NODUP"
+    CONSERVE = "CONSERVE"
+    SWA_LE_FULL = "SWA_LE_FULL"
+    ATOMIC = "ATOMIC"
+    AVAIL = "AVAIL"
+    WINDOW = "WINDOW"
+    STALE = "STALE"
+    PAGE = "PAGE"
+    XLAT = "XLAT"
+    LEAK = "LEAK"
+    CONTRACT = "CONTRACT"
+    DIFFERENTIAL = "DIFFERENTIAL"
+    CRASH = "CRASH"
+    HANG = "HANG"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 class Severity(enum.Enum):
     FATAL = "FATAL"
-    """Data corruption: a KV slot may be read or written by the wrong request."""
+    """Data corruption, or a serving process lost: a KV slot may be read or written by the
+    wrong request, or the scheduler stops."""
     GUARD = "GUARD"
     """Latent: harmless now, corruption after a later legal call."""
 
 
+class Checker(enum.Enum):
+    """What can fire an invariant."""
+
+    PROBE = "probe"
+    """`canary.probes.run_probes`, from allocator state alone (the machines run it too)."""
+    MODEL = "model"
+    """The machines' per-step comparison with the reference model, or with a second allocator."""
+    RUNNER = "runner"
+    """The runner, from how a call to the target ended: it raised, or never returned."""
+
+
 @dataclass(frozen=True)
 class Invariant:
-    name: str
+    name: Name
     severity: Severity
     description: str
-    model_free: bool
-    """True when `run_probes` checks it from allocator state alone."""
+    checker: Checker
+
+    @property
+    def model_free(self) -> bool:
+        """True when `run_probes` checks it from allocator state alone."""
+        return self.checker is Checker.PROBE
 
 
-INVARIANTS: dict[str, Invariant] = {
-    invariant.name: invariant
-    for invariant in (
-        Invariant("SENTINEL", Severity.FATAL, "mapping[-1] == -1", True),
-        Invariant("PAD", Severity.FATAL, "slot/page 0 is in no free list and is no live slot's SWA peer", True),
+def registry(invariants: Iterable[Invariant]) -> dict[Name, Invariant]:
+    """The invariants by name.
+
+    Raises:
+        ValueError: two invariants share a name.
+    """
+    by_name: dict[Name, Invariant] = {}
+    for invariant in invariants:
+        if invariant.name in by_name:
+            raise ValueError(f"invariant {invariant.name} is registered twice")
+        by_name[invariant.name] = invariant
+    return by_name
+
+
+_PROBE, _MODEL, _RUNNER = Checker.PROBE, Checker.MODEL, Checker.RUNNER
+INVARIANTS: dict[Name, Invariant] = registry(
+    (
+        Invariant(Name.SENTINEL, Severity.FATAL, "mapping[-1] == -1", _PROBE),
+        Invariant(Name.PAD, Severity.FATAL, "slot/page 0 is in no free list and is no live slot's SWA peer", _PROBE),
         Invariant(
-            "NODUP",
+            Name.NODUP,
             Severity.FATAL,
             "no free list holds a duplicate, no slot is both free and allocated, no allocation returns a slot twice",
-            True,
+            _PROBE,
         ),
-        Invariant("CONSERVE", Severity.FATAL, "free + allocated == capacity on each pool; available <= size", True),
+        Invariant(Name.CONSERVE, Severity.FATAL, "free + allocated == capacity on each pool; available <= size", _PROBE),
         Invariant(
-            "SWA_LE_FULL",
+            Name.SWA_LE_FULL,
             Severity.FATAL,
             "every allocated SWA slot is the peer of exactly one live full slot",
-            True,
+            _PROBE,
         ),
-        Invariant("ATOMIC", Severity.FATAL, "a failed allocation changes nothing", False),
-        Invariant("AVAIL", Severity.FATAL, "available_size() == min(full, swa)", True),
-        Invariant("WINDOW", Severity.FATAL, "every token inside a live request's window has an SWA slot", False),
-        Invariant("STALE", Severity.GUARD, "a free full slot, or an unallocated token of a live page, maps to 0", True),
-        Invariant("PAGE", Severity.GUARD, "a full page's tokens map to one SWA page at the same offsets", True),
-        Invariant("XLAT", Severity.GUARD, "translate(x) == mapping[x]", False),
-        Invariant("LEAK", Severity.GUARD, "a token before the window (past the page margin) holds no SWA slot", False),
+        Invariant(Name.ATOMIC, Severity.FATAL, "a failed allocation changes nothing", _MODEL),
+        Invariant(Name.AVAIL, Severity.FATAL, "available_size() == min(full, swa)", _PROBE),
+        Invariant(Name.WINDOW, Severity.FATAL, "every token inside a live request's window has an SWA slot", _MODEL),
+        Invariant(Name.STALE, Severity.GUARD, "a free full slot, or an unallocated token of a live page, maps to 0", _PROBE),
+        Invariant(Name.PAGE, Severity.GUARD, "a full page's tokens map to one SWA page at the same offsets", _PROBE),
+        Invariant(Name.XLAT, Severity.GUARD, "translate(x) == mapping[x]", _MODEL),
+        Invariant(Name.LEAK, Severity.GUARD, "a token before the window (past the page margin) holds no SWA slot", _MODEL),
         Invariant(
-            "CONTRACT",
+            Name.CONTRACT,
             Severity.GUARD,
             "results, free-list order, sizes and mapping are exactly what SPEC §1 prescribes",
-            False,
+            _MODEL,
         ),
         Invariant(
-            "DIFFERENTIAL",
+            Name.DIFFERENTIAL,
             Severity.GUARD,
             "two allocators given the same calls return the same values and keep the same sizes, "
             "free units and mapping",
-            False,
+            _MODEL,
         ),
+        # A call the target's contract promises to handle raised: in a serving engine the
+        # exception takes the scheduler down with every request in flight.
+        Invariant(Name.CRASH, Severity.FATAL, "every call the contract allows returns (a result, or None when out of memory); none raises", _RUNNER),
+        # A call never returned: the scheduler stalls holding every request's KV state, which
+        # loses the serving process exactly as a crash does, so it is as severe as CRASH.
+        Invariant(Name.HANG, Severity.FATAL, "every call returns within the runner's time limit", _RUNNER),
     )
-}
+)
 
 
 @dataclass(frozen=True)
 class Violation:
-    invariant: str
+    invariant: Name
     severity: Severity
     count: int
     """How many items break the invariant (may exceed len(indices))."""
     indices: list[int]
     """The first offending items (tokens, slots or units: `detail` says which)."""
     detail: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.invariant, Name):  # a bare name, e.g. from a parsed record
+            object.__setattr__(self, "invariant", Name(self.invariant))
 
     def explain(self) -> str:
         """One line, e.g. "FATAL SWA_LE_FULL: 2 SWA slots are peers of two or more full tokens: [5, 9]"."""

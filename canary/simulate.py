@@ -27,6 +27,7 @@ from typing import Callable, TextIO
 import torch
 
 from allocator import SWATokenToKVPoolAllocator
+from canary.invariants import Name
 from canary.monitor import MODES, CanaryMonitor, attach
 from canary.report import CanaryRecord
 
@@ -92,7 +93,7 @@ class SimulationConfig:
                 raise SimulationConfigError(f"an injection needs steps >= every ({self.every}), so a check follows it")
             if self.canary == "off":
                 raise SimulationConfigError("an injection needs the canary on")
-        if self.inject == "WINDOW" and self.window < self.every + 2:
+        if self.inject == Name.WINDOW and self.window < self.every + 2:
             raise SimulationConfigError(f"WINDOW injection needs window >= every + 2 = {self.every + 2}, "
                                         "so the fault is still in the window at the next check")
 
@@ -121,7 +122,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Injection:
-    invariant: str
+    invariant: Name
     step: int
     what: str
 
@@ -385,7 +386,7 @@ class Simulator:
             return
         what = INJECTIONS[self.config.inject](self)
         if what is not None:
-            self.report.injection = Injection(self.config.inject, self.step_index, what)
+            self.report.injection = Injection(Name(self.config.inject), self.step_index, what)
 
     def _note_records(self) -> None:
         total = self.monitor.stats().records
@@ -481,14 +482,14 @@ def _stale_mapping_on_free_unit(sim: Simulator) -> str | None:
     return f"free full unit {unit} now maps to SWA unit {peer}, as if it was freed without its SWA peer"
 
 
-INJECTIONS: dict[str, Callable[[Simulator], str | None]] = {
-    "WINDOW": _zero_in_window_entry,
-    "NODUP": _duplicate_free_unit,
-    "SENTINEL": _overwrite_sentinel,
-    "SWA_LE_FULL": _leak_swa_unit,
-    "CONSERVE": _free_live_swa_unit,
-    "PAD": _put_padding_unit_in_free_list,
-    "STALE": _stale_mapping_on_free_unit,
+INJECTIONS: dict[Name, Callable[[Simulator], str | None]] = {
+    Name.WINDOW: _zero_in_window_entry,
+    Name.NODUP: _duplicate_free_unit,
+    Name.SENTINEL: _overwrite_sentinel,
+    Name.SWA_LE_FULL: _leak_swa_unit,
+    Name.CONSERVE: _free_live_swa_unit,
+    Name.PAD: _put_padding_unit_in_free_list,
+    Name.STALE: _stale_mapping_on_free_unit,
 }
 
 

@@ -21,15 +21,15 @@ import torch
 from torch import Tensor
 
 from canary.divergence import DivergenceCounts, detect_divergence
-from canary.invariants import INVARIANTS, Violation
+from canary.invariants import INVARIANTS, Name, Violation
 from canary.probes import AllocatorView, ProbeResults, run_probes
 
 DIVERGENCE_KINDS: tuple[str, ...] = tuple(field.name for field in fields(DivergenceCounts))
 
-DIVERGENCE_INVARIANTS: dict[str, tuple[str, str]] = {
-    "window_missing": ("WINDOW", "in-window tokens have no SWA slot, in requests (req_to_token rows)"),
-    "leaked": ("LEAK", "tokens before the evict boundary still hold an SWA slot, in requests (req_to_token rows)"),
-    "shared": ("SWA_LE_FULL", "live tokens share their SWA slot with another full token, in requests (req_to_token rows)"),
+DIVERGENCE_INVARIANTS: dict[str, tuple[Name, str]] = {
+    "window_missing": (Name.WINDOW, "in-window tokens have no SWA slot, in requests (req_to_token rows)"),
+    "leaked": (Name.LEAK, "tokens before the evict boundary still hold an SWA slot, in requests (req_to_token rows)"),
+    "shared": (Name.SWA_LE_FULL, "live tokens share their SWA slot with another full token, in requests (req_to_token rows)"),
 }
 """Detector count -> (the invariant it breaks, what `Violation.explain` says is counted)."""
 
@@ -93,7 +93,7 @@ class SweepResult:
 class PackedSweep:
     """The packed check; `packed` stays on its device until `read`."""
 
-    names: tuple[str, ...]
+    names: tuple[Name, ...]
     """The probes of the first rows, in order."""
     packed: Tensor
 

@@ -29,6 +29,7 @@ import pytest
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from allocator import SWATokenToKVPoolAllocator
+from canary.invariants import Name
 from properties.campaign import CampaignConfig, run_campaign
 from properties.campaign.database import DatabaseSpec, ResilientRedisDatabase
 from properties.campaign.progress import ProgressDisplay
@@ -280,7 +281,7 @@ def test_on_a_terminal_progress_is_one_line_redrawn_in_place() -> None:
     status = {"elapsed": 3.0, "duration": 60.0, "workers": 2, "examples": 40, "steps": 1234, "steps_per_s": 411.0,
               "calls": {"alloc": 9, "free": 3}, "events": {"window slide freed SWA slots": 2}, "findings": 0, "crashes": 0}
     display.status(status)
-    display.event({"event": "finding", "new": True, "severity": "FATAL", "invariant": "STALE", "machine": "SlotMachine",
+    display.event({"event": "finding", "new": True, "severity": "FATAL", "invariant": Name.STALE, "machine": "SlotMachine",
                    "seed": 5, "via": "search", "path": "out/findings/stale-1"})
     display.status({**status, "steps": 2000, "findings": 1}, force=True)
     display.close()

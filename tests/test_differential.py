@@ -7,7 +7,7 @@ import torch
 
 from allocator import SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
 from allocator.errors import AllocatorError
-from canary.invariants import InvariantViolation
+from canary.invariants import InvariantViolation, Name
 from properties.cli import EXIT_CLEAN, EXIT_USAGE, main
 from properties.runners.check import run_check
 from properties.runners.differential import DifferentialAllocator, differential_target
@@ -58,7 +58,7 @@ def test_a_free_order_difference_is_found_and_shrunk() -> None:
     report = run_check(target, budget=60, seed=1, machines=["SlotMachine"])
     finding = report.finding
     assert finding is not None, "the free-order difference was not found"
-    assert finding.invariant == "DIFFERENTIAL", finding.explain()
+    assert finding.invariant == Name.DIFFERENTIAL, finding.explain()
     # The order shows once a freed slot is handed out again: alloc, free, alloc.
     assert "after alloc(" in finding.detail and "front-freeing" in finding.detail
     assert finding.program_steps <= 4, finding.program
@@ -68,7 +68,7 @@ def test_an_error_on_one_side_only_is_a_difference() -> None:
     both = DifferentialAllocator(small_allocator(checked=True), small_allocator(checked=False), ("checked", "unchecked"))
     with pytest.raises(InvariantViolation) as raised:
         both.free_full(torch.tensor([3]))  # slot 3 was never allocated
-    assert raised.value.invariant == "DIFFERENTIAL"
+    assert raised.value.invariant == Name.DIFFERENTIAL
     assert "checked raised DoubleFreeError" in str(raised.value)
     assert "unchecked returned None" in str(raised.value)
 

@@ -12,6 +12,7 @@ import broken
 import pytest
 
 from allocator import SWATokenToKVPoolAllocator
+from canary.invariants import Name
 from properties.runners.check import Finding
 from properties.runners.export import (
     REPORT_NAME,
@@ -84,10 +85,10 @@ PAGED_PROGRAM = [
 
 def test_finding_id_is_the_invariant_and_the_call_names() -> None:
     other_arguments = [{"call": "alloc", "args": [5]}, {"call": "free", "args": [[3]]}]
-    assert finding_id("STALE", ALLOC_THEN_FREE) == finding_id("STALE", other_arguments)
-    assert finding_id("STALE", ALLOC_THEN_FREE) != finding_id("CONSERVE", ALLOC_THEN_FREE)
-    assert finding_id("STALE", ALLOC_THEN_FREE) != finding_id("STALE", ALLOC_THEN_FREE[:1])
-    assert finding_id("STALE", []).startswith("stale-")
+    assert finding_id(Name.STALE, ALLOC_THEN_FREE) == finding_id(Name.STALE, other_arguments)
+    assert finding_id(Name.STALE, ALLOC_THEN_FREE) != finding_id(Name.CONSERVE, ALLOC_THEN_FREE)
+    assert finding_id(Name.STALE, ALLOC_THEN_FREE) != finding_id(Name.STALE, ALLOC_THEN_FREE[:1])
+    assert finding_id(Name.STALE, []).startswith("stale-")
 
 
 @pytest.mark.parametrize("values", [[], [5], [1, 2, 3], [1, 2, 3, 4], [9, 1, 2, 3, 4, 5, 7, 8, 40, 41, 42, 43, 44]])
@@ -104,7 +105,7 @@ def test_calls_render_tensors_on_the_device_and_lengths_on_cpu() -> None:
 
 def test_export_fails_on_the_broken_allocator_and_passes_on_the_reference(tmp_path: Path) -> None:
     target = Target("broken:KeepsMappingOnFreeSwa", build(broken.KeepsMappingOnFreeSwa))
-    exported = export_finding(tmp_path, finding("STALE", SLOTS, ALLOC_THEN_FREE), target, "cpu", "search", worker_seed=3)
+    exported = export_finding(tmp_path, finding(Name.STALE, SLOTS, ALLOC_THEN_FREE), target, "cpu", "search", worker_seed=3)
     report = json.loads((exported.path / REPORT_NAME).read_text())
     assert report["fails_on_target"] and report["passes_on_reference"]
     assert "after #2 free" in report["target_failure"] and "mapping differs" in report["target_failure"]
@@ -117,7 +118,7 @@ def test_export_fails_on_the_broken_allocator_and_passes_on_the_reference(tmp_pa
 def test_a_call_the_reference_rejects_must_raise_on_the_target(tmp_path: Path) -> None:
     calls = [{"call": "alloc", "args": [1]}, {"call": "free_group_end", "args": []}, {"call": "free", "args": [[1]]}]
     target = Target("silent-end", build(GroupEndWithoutBeginIsSilent))
-    exported = export_finding(tmp_path, finding("CONTRACT", SLOTS, calls), target, "cpu", "search")
+    exported = export_finding(tmp_path, finding(Name.CONTRACT, SLOTS, calls), target, "cpu", "search")
     source = (exported.path / exported.report["test"]).read_text()
     assert "with pytest.raises(Exception):\n        allocator.free_group_end()" in source
     assert "DID NOT RAISE" in exported.report["target_failure"]
@@ -126,7 +127,7 @@ def test_a_call_the_reference_rejects_must_raise_on_the_target(tmp_path: Path) -
 
 def test_backup_restore_programs_replay_on_the_reference(tmp_path: Path) -> None:
     exported = export_finding(
-        tmp_path, finding("PAGE", PAGED, PAGED_PROGRAM), Target("reference", reference_factory), "cpu", "search"
+        tmp_path, finding(Name.PAGE, PAGED, PAGED_PROGRAM), Target("reference", reference_factory), "cpu", "search"
     )
     assert exported.report["passes_on_reference"] and not exported.report["fails_on_target"]
     assert "pytest.raises" not in (exported.path / exported.report["test"]).read_text()
@@ -134,7 +135,7 @@ def test_backup_restore_programs_replay_on_the_reference(tmp_path: Path) -> None
 
 def test_the_exported_file_runs_under_pytest_with_swa_target(tmp_path: Path) -> None:
     exported = export_finding(
-        tmp_path, finding("PAGE", PAGED, PAGED_PROGRAM), Target("reference", reference_factory), "cpu", "search"
+        tmp_path, finding(Name.PAGE, PAGED, PAGED_PROGRAM), Target("reference", reference_factory), "cpu", "search"
     )
     test_file = exported.path / exported.report["test"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}

@@ -15,7 +15,7 @@ from test_probes import BUGS, Bug, NoHostSync, allocate, as_tensor, build
 
 from allocator import SWATokenToKVPoolAllocator
 from canary import sweep as sweep_module
-from canary.invariants import InvariantViolation, Severity
+from canary.invariants import InvariantViolation, Name, Severity
 from canary.monitor import CanaryConfigError, CanaryMonitor, attach
 from canary.probes import AllocatorView, ProbeInputError
 from canary.report import (
@@ -150,7 +150,7 @@ def test_window_missing_is_reported_as_window(logger: logging.Logger) -> None:
     monitor = watch(served, logger)
     monitor.step(**served.batch())
     # A legal free_swa call: the allocator state is consistent, only the batch shows it.
-    assert reported(monitor) == {("divergence", "WINDOW"): (1,)}
+    assert reported(monitor) == {("divergence", Name.WINDOW): (1,)}
     record = monitor.recent()[0]
     assert (record.severity, record.count) == ("FATAL", 1)
     assert monitor.stats().divergence["window_missing"] == 1
@@ -161,7 +161,7 @@ def test_leaked_is_reported_as_leak(logger: logging.Logger) -> None:
     served.add(8, evict=False)  # its evict floor says 4, but nothing was released
     monitor = watch(served, logger)
     monitor.step(**served.batch())
-    assert reported(monitor) == {("divergence", "LEAK"): (0,)}
+    assert reported(monitor) == {("divergence", Name.LEAK): (0,)}
     assert (monitor.recent()[0].severity, monitor.recent()[0].count) == ("GUARD", 4)
 
 
@@ -173,10 +173,10 @@ def test_shared_slots_are_reported_as_swa_le_full(logger: logging.Logger) -> Non
     monitor = watch(served, logger)
     monitor.step(**served.batch())
     found = reported(monitor)
-    assert found[("divergence", "SWA_LE_FULL")] == (0, 1)
+    assert found[("divergence", Name.SWA_LE_FULL)] == (0, 1)
     assert monitor.stats().divergence["shared"] == 2
     # The probes see it too: slot 4 has two peers, and slot 8 (the second token's) has none.
-    assert found[("probe", "SWA_LE_FULL")] == (first[3], second[3]) == (4, 8)
+    assert found[("probe", Name.SWA_LE_FULL)] == (first[3], second[3]) == (4, 8)
 
 
 def test_non_identity_is_counted_not_reported(logger: logging.Logger) -> None:
@@ -205,14 +205,14 @@ def test_a_step_without_a_batch_or_window_runs_only_the_probes(logger: logging.L
 # ------------------------------------------------------------- records
 def sample_record(**changes) -> CanaryRecord:
     record = CanaryRecord(
-        invariant="WINDOW", severity="FATAL", source="divergence", count=3, indices=(4, 7), detail="in-window tokens",
+        invariant=Name.WINDOW, severity="FATAL", source="divergence", count=3, indices=(4, 7), detail="in-window tokens",
         checked_step=16, reported_step=17, monitor="m", snapshot="/tmp/s.pt", time=1700000000.25,
     )
     return replace(record, **changes)
 
 
 @pytest.mark.parametrize("record", [sample_record(), sample_record(snapshot=None, indices=(), source="probe",
-                                                                   invariant="STALE", severity="GUARD")])
+                                                                   invariant=Name.STALE, severity="GUARD")])
 def test_records_round_trip_through_the_parser(record: CanaryRecord) -> None:
     line = format_record(record)
     assert "\n" not in line and line.startswith("SWA_CANARY {")
@@ -269,7 +269,7 @@ def stale_on(allocator: SWATokenToKVPoolAllocator, token: int) -> None:
 
 def test_a_violation_is_reported_again_only_when_its_items_change(logger: logging.Logger) -> None:
     allocator = SWATokenToKVPoolAllocator(64, 32, 1, torch.float16, "cpu")
-    monitor = attach(allocator, every=1, probes=["STALE"], logger=logger)
+    monitor = attach(allocator, every=1, probes=[Name.STALE], logger=logger)
     stale_on(allocator, 5)
     for _ in range(10):
         monitor.step()
@@ -277,12 +277,12 @@ def test_a_violation_is_reported_again_only_when_its_items_change(logger: loggin
     monitor.step()
     stale_on(allocator, 5)  # seen before: not reported again
     monitor.step()
-    assert [(r.invariant, r.indices, r.checked_step) for r in monitor.recent()] == [("STALE", (5,), 1), ("STALE", (6,), 11)]
+    assert [(r.invariant, r.indices, r.checked_step) for r in monitor.recent()] == [(Name.STALE, (5,), 1), (Name.STALE, (6,), 11)]
 
 
 def test_the_ring_keeps_only_the_latest_records(logger: logging.Logger) -> None:
     allocator = SWATokenToKVPoolAllocator(64, 32, 1, torch.float16, "cpu")
-    monitor = attach(allocator, every=1, probes=["STALE"], logger=logger, ring_size=3)
+    monitor = attach(allocator, every=1, probes=[Name.STALE], logger=logger, ring_size=3)
     for token in range(1, 11):
         stale_on(allocator, token)
         monitor.step()
@@ -291,8 +291,8 @@ def test_the_ring_keeps_only_the_latest_records(logger: logging.Logger) -> None:
 
 
 def test_checks_run_every_n_steps(logger: logging.Logger) -> None:
-    allocator = build(BUGS["SENTINEL"].allocator, BUGS["SENTINEL"], torch.device("cpu"))
-    BUGS["SENTINEL"].scenario(allocator)
+    allocator = build(BUGS[Name.SENTINEL].allocator, BUGS[Name.SENTINEL], torch.device("cpu"))
+    BUGS[Name.SENTINEL].scenario(allocator)
     monitor = attach(allocator, every=4, logger=logger)
     for _ in range(3):
         monitor.step()
@@ -340,7 +340,7 @@ def test_checks_in_flight_are_read_when_done_and_skipped_when_both_slots_are_bus
     assert monitor.recent() == [] and monitor.stats().skipped == 1
     events[0].done = True
     monitor.step(**batch)
-    assert [(r.invariant, r.checked_step, r.reported_step) for r in monitor.recent()] == [("SENTINEL", 1, 4)]
+    assert [(r.invariant, r.checked_step, r.reported_step) for r in monitor.recent()] == [(Name.SENTINEL, 1, 4)]
     assert Snapshot.load(monitor.recent()[0].snapshot).step == 1
     monitor.flush()  # steps 2 and 4: the same violation, not reported again
     assert len(monitor.recent()) == 1 and monitor.stats().checks == 3
@@ -380,12 +380,12 @@ def test_warn_mode_survives_a_bad_batch(logger: logging.Logger, caplog: pytest.L
 
 
 def test_strict_mode_raises_on_fatal(logger: logging.Logger, monkeypatch: pytest.MonkeyPatch) -> None:
-    allocator = build(BUGS["SENTINEL"].allocator, BUGS["SENTINEL"], torch.device("cpu"))
-    BUGS["SENTINEL"].scenario(allocator)
+    allocator = build(BUGS[Name.SENTINEL].allocator, BUGS[Name.SENTINEL], torch.device("cpu"))
+    BUGS[Name.SENTINEL].scenario(allocator)
     monitor = attach(allocator, every=1, mode="strict", logger=logger)
     with pytest.raises(InvariantViolation) as raised:
         monitor.step()
-    assert raised.value.invariant == "SENTINEL" and raised.value.severity is Severity.FATAL
+    assert raised.value.invariant == Name.SENTINEL and raised.value.severity is Severity.FATAL
     monitor.step()  # reported once: it does not raise again
     monkeypatch.setattr(sweep_module, "run_probes", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # strict mode hides nothing
@@ -393,11 +393,11 @@ def test_strict_mode_raises_on_fatal(logger: logging.Logger, monkeypatch: pytest
 
 
 def test_strict_mode_logs_guard_violations_without_raising(logger: logging.Logger) -> None:
-    allocator = build(BUGS["STALE"].allocator, BUGS["STALE"], torch.device("cpu"))
-    BUGS["STALE"].scenario(allocator)
+    allocator = build(BUGS[Name.STALE].allocator, BUGS[Name.STALE], torch.device("cpu"))
+    BUGS[Name.STALE].scenario(allocator)
     monitor = attach(allocator, every=1, mode="strict", logger=logger)
     monitor.step()
-    assert [(r.invariant, r.severity) for r in monitor.recent()] == [("STALE", "GUARD")]
+    assert [(r.invariant, r.severity) for r in monitor.recent()] == [(Name.STALE, "GUARD")]
 
 
 def test_off_mode_does_nothing(logger: logging.Logger, caplog: pytest.LogCaptureFixture) -> None:
@@ -447,13 +447,13 @@ def test_prometheus_counters_and_gauges(logger: logging.Logger, monkeypatch: pyt
         monitor.step(**served.batch())
         quiet.step()
     value = registry.get_sample_value
-    labels = {"monitor": "m1", "invariant": "SWA_LE_FULL", "severity": "FATAL"}
+    labels = {"monitor": "m1", "invariant": Name.SWA_LE_FULL, "severity": "FATAL"}
     assert value("swa_canary_violations_total", {**labels, "source": "divergence"}) == 1
     assert value("swa_canary_violations_total", {**labels, "source": "probe"}) == 1
     assert value("swa_canary_checks_total", {"monitor": "m1"}) == 3
     assert value("swa_canary_checks_total", {"monitor": "m2"}) == 3
-    assert value("swa_canary_violating_items", {"monitor": "m1", "invariant": "SWA_LE_FULL", "source": "divergence"}) == 2
-    assert value("swa_canary_violating_items", {"monitor": "m2", "invariant": "SENTINEL", "source": "probe"}) == 0
+    assert value("swa_canary_violating_items", {"monitor": "m1", "invariant": Name.SWA_LE_FULL, "source": "divergence"}) == 2
+    assert value("swa_canary_violating_items", {"monitor": "m2", "invariant": Name.SENTINEL, "source": "probe"}) == 0
     assert value("swa_canary_divergence_tokens", {"monitor": "m1", "kind": "shared"}) == 2
     assert value("swa_canary_enabled", {"monitor": "m1"}) == 1
     monkeypatch.setattr(sweep_module, "run_probes", lambda *a, **k: 1 / 0)
@@ -480,7 +480,7 @@ def test_a_snapshot_of_the_checked_state_replays_the_violations(
     monitor = watch(served, logger, snapshot_dir=tmp_path / "snaps")
     monitor.step(**served.batch())
     records = monitor.recent()
-    assert {(r.source, r.invariant, r.indices) for r in records} == {("divergence", "WINDOW", (3,))}
+    assert {(r.source, r.invariant, r.indices) for r in records} == {("divergence", Name.WINDOW, (3,))}
     paths = {r.snapshot for r in records}
     assert len(paths) == 1 and paths != {None}
     snapshot = Snapshot.load(paths.pop())
@@ -553,15 +553,15 @@ def test_the_monitor_never_synchronises_on_cuda(every: int) -> None:
 @pytest.mark.cuda
 @CUDA
 def test_reports_arrive_a_step_later_without_a_flush(logger: logging.Logger) -> None:
-    allocator = build(BUGS["SENTINEL"].allocator, BUGS["SENTINEL"], torch.device("cuda"))
-    BUGS["SENTINEL"].scenario(allocator)
+    allocator = build(BUGS[Name.SENTINEL].allocator, BUGS[Name.SENTINEL], torch.device("cuda"))
+    BUGS[Name.SENTINEL].scenario(allocator)
     monitor = attach(allocator, every=1, logger=logger)
     for _ in range(10_000):
         monitor.step()
         if monitor.recent():
             break
     (record,) = monitor.recent()
-    assert record.invariant == "SENTINEL" and record.checked_step <= record.reported_step
+    assert record.invariant == Name.SENTINEL and record.checked_step <= record.reported_step
 
 
 @pytest.mark.cuda
@@ -589,5 +589,5 @@ def test_a_captured_step_checks_on_every_graph_replay(logger: logging.Logger) ->
     with pytest.raises(InvariantViolation):
         monitor.flush()
     found = {(r.source, r.invariant): (r.indices, r.checked_step) for r in monitor.recent()}
-    assert found[("probe", "SENTINEL")] == ((served.mapping.numel() - 1,), captured_step)
-    assert found[("divergence", "WINDOW")] == ((1,), captured_step)
+    assert found[("probe", Name.SENTINEL)] == ((served.mapping.numel() - 1,), captured_step)
+    assert found[("divergence", Name.WINDOW)] == ((1,), captured_step)

@@ -19,11 +19,11 @@ from test_bad_input import decode_args, extend_args
 from torch.overrides import TorchFunctionMode
 
 from allocator import SWATokenToKVPoolAllocator
-from canary.invariants import INVARIANTS, InvariantViolation, Severity, Violation
+from canary.invariants import INVARIANTS, InvariantViolation, Name, Severity, Violation
 from canary.probes import AllocatorView, ProbeInputError, ProbeResults, run_probes
 from canary.probes.plan import CHECK_DETAILS
 
-MODEL_FREE = ("SENTINEL", "PAD", "NODUP", "CONSERVE", "SWA_LE_FULL", "AVAIL", "STALE", "PAGE")
+MODEL_FREE = (Name.SENTINEL, Name.PAD, Name.NODUP, Name.CONSERVE, Name.SWA_LE_FULL, Name.AVAIL, Name.STALE, Name.PAGE)
 
 
 def violations(allocator: object, **kwargs) -> dict[str, Violation]:
@@ -53,9 +53,10 @@ def allocate(allocator: SWATokenToKVPoolAllocator, count: int) -> list[int] | No
 
 # ------------------------------------------------------------------ registry
 def test_registry_names_the_spec_invariants_and_contract_with_their_severity() -> None:
-    fatal = {"SENTINEL", "PAD", "NODUP", "CONSERVE", "SWA_LE_FULL", "ATOMIC", "AVAIL", "WINDOW"}
-    guard = {"STALE", "PAGE", "XLAT", "LEAK", "CONTRACT"}
-    assert set(INVARIANTS) >= fatal | guard
+    fatal = {Name.SENTINEL, Name.PAD, Name.NODUP, Name.CONSERVE, Name.SWA_LE_FULL, Name.ATOMIC, Name.AVAIL, Name.WINDOW}
+    fatal |= {Name.CRASH, Name.HANG}
+    guard = {Name.STALE, Name.PAGE, Name.XLAT, Name.LEAK, Name.CONTRACT, Name.DIFFERENTIAL}
+    assert set(INVARIANTS) == fatal | guard
     assert {name for name, inv in INVARIANTS.items() if inv.severity is Severity.FATAL} == fatal
     assert {name for name, inv in INVARIANTS.items() if inv.model_free} == set(MODEL_FREE)
     assert all(inv.name == name and inv.description for name, inv in INVARIANTS.items())
@@ -109,17 +110,17 @@ def extend_mid_page(allocator: SWATokenToKVPoolAllocator) -> None:
 
 
 BUGS = {
-    "SENTINEL": Bug(broken.ClobbersSentinelOnClear, 1, clear_after_use, {"SENTINEL": [65]}),
-    "PAD": Bug(broken.PadPageInFullFreeList, 1, clear_then_allocate, {"PAD": [0]}),
-    "NODUP": Bug(broken.DoubleAppendsFullFrees, 1, free_after_evicting_another, {"NODUP": [9, 10, 11, 12]}),
-    "CONSERVE": Bug(broken.StagedUnitsUncounted, 1, allocate_and_free, {"CONSERVE": [4]}, need_sort=True),
+    Name.SENTINEL: Bug(broken.ClobbersSentinelOnClear, 1, clear_after_use, {Name.SENTINEL: [65]}),
+    Name.PAD: Bug(broken.PadPageInFullFreeList, 1, clear_then_allocate, {Name.PAD: [0]}),
+    Name.NODUP: Bug(broken.DoubleAppendsFullFrees, 1, free_after_evicting_another, {Name.NODUP: [9, 10, 11, 12]}),
+    Name.CONSERVE: Bug(broken.StagedUnitsUncounted, 1, allocate_and_free, {Name.CONSERVE: [4]}, need_sort=True),
     "SWA_LE_FULL (peer freed)": Bug(
-        broken.KeepsMappingOnFreeSwa, 1, evict_two_of_six, {"SWA_LE_FULL": [1, 2], "CONSERVE": [2]}
+        broken.KeepsMappingOnFreeSwa, 1, evict_two_of_six, {Name.SWA_LE_FULL: [1, 2], Name.CONSERVE: [2]}
     ),
-    "SWA_LE_FULL (orphan)": Bug(broken.LeaksSwaOnFreeSwa, 4, evict_first_page, {"SWA_LE_FULL": [1]}),
-    "AVAIL": Bug(broken.MaxAvailable, 1, allocate_and_free, {"AVAIL": [64]}),
-    "STALE": Bug(broken.FreeSkipsSwaPeers, 1, free_after_evicting_another, {"STALE": [9, 10, 11, 12]}),
-    "PAGE": Bug(broken.FreshSwaPagesOnExtend, 4, extend_mid_page, {"PAGE": [10]}),
+    "SWA_LE_FULL (orphan)": Bug(broken.LeaksSwaOnFreeSwa, 4, evict_first_page, {Name.SWA_LE_FULL: [1]}),
+    Name.AVAIL: Bug(broken.MaxAvailable, 1, allocate_and_free, {Name.AVAIL: [64]}),
+    Name.STALE: Bug(broken.FreeSkipsSwaPeers, 1, free_after_evicting_another, {Name.STALE: [9, 10, 11, 12]}),
+    Name.PAGE: Bug(broken.FreshSwaPagesOnExtend, 4, extend_mid_page, {Name.PAGE: [10]}),
 }
 
 
@@ -159,7 +160,7 @@ def test_orphan_check_waits_for_the_end_of_a_free_group(swa_device: torch.device
         assert fired(allocator) == set()  # deferred SWA units are neither free nor referenced yet
         allocator.free_group_end()
     assert fired(reference) == set()
-    assert violations(leaky)["SWA_LE_FULL"].indices == [1, 2, 3]
+    assert violations(leaky)[Name.SWA_LE_FULL].indices == [1, 2, 3]
 
 
 # --------------------------------------------------- hand-corrupted states
@@ -186,7 +187,7 @@ def corrupt(
 
 def test_pad_reports_each_way_the_padding_unit_is_used() -> None:
     view = corrupt(4, mapping={1: 9, 9: 2}, swa_free=[0, 1, 2, 3])
-    pad = {v.invariant: v for v in run_probes(view, ["PAD"]).read()}["PAD"]
+    pad = {v.invariant: v for v in run_probes(view, [Name.PAD]).read()}[Name.PAD]
     assert (pad.count, pad.indices) == (3, [0, 1, 9])
     assert pad.detail == (
         "SWA free list holds padding unit 0 (1), then full tokens of padding page 0 have an SWA peer (1), "
@@ -196,14 +197,14 @@ def test_pad_reports_each_way_the_padding_unit_is_used() -> None:
 
 def test_nodup_reports_repeated_negative_and_too_large_units() -> None:
     view = corrupt(full_free=list(range(1, 30)) + [5, 5, -7, 99, 0])
-    nodup = run_probes(view, ["NODUP"]).read()[0]
+    nodup = run_probes(view, [Name.NODUP]).read()[0]
     assert (nodup.count, nodup.indices) == (4, [-1, 0, 5, 33])
 
 
 def test_conserve_checks_counts_and_sizes_on_both_pools() -> None:
     # 15 free SWA units + 2 referenced > 16; sizes say 40 / 20 free slots against 32 and 16.
     view = corrupt(mapping={3: 4, 7: 5}, full_available=40, swa_available=20)
-    conserve = run_probes(view, ["CONSERVE"]).read()[0]
+    conserve = run_probes(view, [Name.CONSERVE]).read()[0]
     # full: 40 > 32 (by 8) and 40 != 32 free (by 8); SWA: 20 > 16 (by 4), 20 != 16 (by 4);
     # counts: full 32 free + 2 used exceed 32 by 2, SWA likewise by 2.
     assert (conserve.count, conserve.indices) == (6, [8, 4, 8, 4, 2, 2])
@@ -220,7 +221,7 @@ def test_swa_le_full_reports_shared_free_and_missing_peers() -> None:
     # slot 6 is referenced but also free; every other SWA slot except 5 is free.
     swa_free = [unit for unit in range(1, 17) if unit != 5]
     view = corrupt(mapping={1: 5, 2: 5, 3: 17, 4: -2, 8: 6}, swa_free=swa_free)
-    found = run_probes(view, ["SWA_LE_FULL"]).read()[0]
+    found = run_probes(view, [Name.SWA_LE_FULL]).read()[0]
     assert (found.count, found.indices) == (4, [5, 3, 4, 8])
 
 
@@ -228,31 +229,31 @@ def test_page_reports_tokens_on_another_page_or_offset() -> None:
     # Full page 1 (tokens 4..7): 4 -> 8, 5 -> 9, 7 -> 11 (fine), 6 -> 14 (another SWA page).
     # Full page 2 (tokens 8..11): 8 -> 13, 9 -> 14: same page, offsets shifted by one.
     view = corrupt(4, mapping={4: 8, 5: 9, 6: 14, 7: 11, 8: 13, 9: 14})
-    page = run_probes(view, ["PAGE"]).read()[0]
+    page = run_probes(view, [Name.PAGE]).read()[0]
     assert (page.count, page.indices) == (3, [6, 8, 9])
 
 
 def test_page_is_quiet_at_page_size_one() -> None:
     view = corrupt(mapping={1: 3, 2: 1})
-    assert run_probes(view, ["PAGE"]).read() == []
+    assert run_probes(view, [Name.PAGE]).read() == []
 
 
 # ------------------------------------------------------ packing and reports
 def test_first_indices_come_in_order_and_the_count_is_complete() -> None:
     view = corrupt(mapping={token: 1 for token in range(1, 21)}, full_free=list(range(1, 33)))
-    stale = run_probes(view, ["STALE"], max_indices=3).read()[0]
+    stale = run_probes(view, [Name.STALE], max_indices=3).read()[0]
     assert (stale.count, stale.indices) == (20, [1, 2, 3])
     assert stale.explain() == (
         "GUARD STALE: 20 tokens of free full units still map to an SWA slot: [1, 2, 3] (first 3 shown)"
     )
-    only_count = run_probes(view, ["STALE"], max_indices=0)
+    only_count = run_probes(view, [Name.STALE], max_indices=0)
     assert only_count.packed.shape == (1, 1)
     assert only_count.read()[0].count == 20
 
 
 def test_explain_is_one_readable_line() -> None:
     swa_free = [unit for unit in range(1, 17) if unit != 5]
-    found = run_probes(corrupt(mapping={1: 5, 2: 5}, swa_free=swa_free), ["SWA_LE_FULL"]).read()[0]
+    found = run_probes(corrupt(mapping={1: 5, 2: 5}, swa_free=swa_free), [Name.SWA_LE_FULL]).read()[0]
     assert found.explain() == "FATAL SWA_LE_FULL: 1 SWA slots are peers of two or more full tokens: [5]"
 
 
@@ -261,8 +262,8 @@ def test_from_packed_round_trips_a_copied_tensor() -> None:
     results = run_probes(view, max_indices=4)
     copied = ProbeResults.from_packed(results.names, results.packed.clone())
     assert copied.read() == results.read()
-    assert {v.invariant for v in copied.read()} >= {"SENTINEL", "PAD", "PAGE", "SWA_LE_FULL"}
-    assert results["PAD"].tolist() == results.packed[results.names.index("PAD")].tolist()
+    assert {v.invariant for v in copied.read()} >= {Name.SENTINEL, Name.PAD, Name.PAGE, Name.SWA_LE_FULL}
+    assert results[Name.PAD].tolist() == results.packed[results.names.index(Name.PAD)].tolist()
     with pytest.raises(ProbeInputError, match="shape"):
         ProbeResults.from_packed(results.names[:-1], results.packed)
     with pytest.raises(ProbeInputError, match="unknown invariant"):
@@ -271,8 +272,8 @@ def test_from_packed_round_trips_a_copied_tensor() -> None:
 
 def test_names_select_model_free_probes_in_the_order_given() -> None:
     view = corrupt()
-    results = run_probes(view, ["STALE", "WINDOW", "PAD", "STALE"])
-    assert results.names == ("STALE", "PAD")
+    results = run_probes(view, [Name.STALE, Name.WINDOW, Name.PAD, Name.STALE])
+    assert results.names == (Name.STALE, Name.PAD)
     assert results.packed.shape == (2, 9)
     assert run_probes(view).names == MODEL_FREE
     with pytest.raises(ProbeInputError, match="unknown invariant 'PADDING'"):
@@ -280,10 +281,10 @@ def test_names_select_model_free_probes_in_the_order_given() -> None:
 
 
 def test_invariant_violation_lists_all_and_names_the_most_severe() -> None:
-    stale = Violation("STALE", Severity.GUARD, 1, [3], "tokens of free full units still map to an SWA slot")
-    pad = Violation("PAD", Severity.FATAL, 2, [0, 1], "full tokens of padding page 0 have an SWA peer")
+    stale = Violation(Name.STALE, Severity.GUARD, 1, [3], "tokens of free full units still map to an SWA slot")
+    pad = Violation(Name.PAD, Severity.FATAL, 2, [0, 1], "full tokens of padding page 0 have an SWA peer")
     error = InvariantViolation([stale, pad])
-    assert (error.invariant, error.severity) == ("PAD", Severity.FATAL)
+    assert (error.invariant, error.severity) == (Name.PAD, Severity.FATAL)
     assert str(error).splitlines() == [stale.explain(), pad.explain()]
     assert isinstance(error, AssertionError)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from canary.invariants import Name
 from properties.runners.check import run_check
 from properties.runners.differential import differential_target
 from properties.targets import resolve_target, with_contract_changes
@@ -43,13 +44,13 @@ def test_sglang_agrees_with_the_reference_call_by_call(swa_device: torch.device)
     "restriction, machines, invariant",
     [
         # alloc_decode takes a full page, then finds no SWA page, returns None and keeps it.
-        ("decode_capacity_prechecked", ["RequestMachinePS4"], "ATOMIC"),
+        ("decode_capacity_prechecked", ["RequestMachinePS4"], Name.ATOMIC),
         # free() after a window slide hands SWA slot 0 to the SWA free list.
-        ("free_held_swa_peers_only_at_ps1", ["SlotMachine"], "PAD"),
+        ("free_held_swa_peers_only_at_ps1", ["SlotMachine"], Name.PAD),
         # A tail that starts mid-page puts its SWA slots at other offsets than its full slots.
-        ("swa_tail_page_aligned", ["RequestMachinePS4"], "PAGE"),
+        ("swa_tail_page_aligned", ["RequestMachinePS4"], Name.PAGE),
         # free_group_end with no group open does not raise.
-        ("free_group_calls_paired", ["SlotMachine"], "CONTRACT"),
+        ("free_group_calls_paired", ["SlotMachine"], Name.CONTRACT),
     ],
 )
 def test_each_restriction_hides_a_deviation(

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import canary.simulate as simulate_module
+from canary.invariants import Name
 from canary.simulate import (
     INJECTIONS,
     Progress,
@@ -63,7 +64,7 @@ def test_a_broken_allocator_is_caught_without_injection(monkeypatch: pytest.Monk
     monkeypatch.setattr(simulate_module, "SWATokenToKVPoolAllocator", broken.LeaksSwaOnFreeSwa)
     report = run(steps=200, seed=3).report
     assert not report.passed
-    assert {record.invariant for record in report.records} == {"SWA_LE_FULL"}
+    assert {record.invariant for record in report.records} == {Name.SWA_LE_FULL}
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ def test_the_command_rejects_a_bad_configuration(capsys: pytest.CaptureFixture) 
 
 
 def test_a_missed_injection_exits_with_one(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setitem(INJECTIONS, "PAD", lambda simulator: "did nothing")
+    monkeypatch.setitem(INJECTIONS, Name.PAD, lambda simulator: "did nothing")
     argv = ["simulate", "--steps", "40", "--size", "16384", "--size-swa", "4096", "--window", "128", "--every", "8",
             "--inject", "PAD", "--seed", "1"]
     assert main(argv) == 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from allocator import SWATokenToKVPoolAllocator
+from canary.invariants import Name
 from properties.runners.check import run_check
 from properties.targets import (
     RESTRICTIONS,
@@ -36,7 +37,7 @@ class Refusing(SWATokenToKVPoolAllocator):
 
     restriction = ""
     machines: list[str] = []
-    reported_as = "CRASH"
+    reported_as = Name.CRASH
     nearby_calls: int | None = 0
 
     @classmethod
@@ -125,7 +126,7 @@ class SilentUnmatchedGroupEnd(Refusing):
 
     restriction = "free_group_calls_paired"
     machines = ["SlotMachine"]
-    reported_as = "CONTRACT"
+    reported_as = Name.CONTRACT
 
     def free_group_end(self) -> None:
         if not self.in_free_group:
@@ -147,7 +148,7 @@ def test_the_whole_spec_reaches_the_refused_pattern(refusing: type[Refusing]) ->
     report = run_check(target, budget=120, seed=2, machines=refusing.machines, shrink=False)
     assert report.finding is not None, f"{refusing.restriction}: the pattern was never called"
     assert report.finding.invariant == refusing.reported_as, report.finding.explain()
-    if refusing.reported_as == "CRASH":
+    if refusing.reported_as == Name.CRASH:
         assert "RefusedCall" in report.finding.detail
 
 

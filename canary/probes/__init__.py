@@ -41,7 +41,7 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from canary.invariants import INVARIANTS, Violation
+from canary.invariants import INVARIANTS, Name, Violation
 from canary.probes import torch_backend as _probes_torch
 from canary.probes.plan import CHECK_DETAILS, decode, host_findings, plan, put_findings
 
@@ -154,7 +154,7 @@ class ProbeResults:
     """The packed results of `run_probes`: row i belongs to names[i] and holds
     [count, code_1 .. code_K] (-1-padded); the tensor stays on the device until `read`."""
 
-    names: tuple[str, ...]
+    names: tuple[Name, ...]
     packed: Tensor
 
     @property
@@ -171,7 +171,7 @@ class ProbeResults:
     @classmethod
     def from_packed(cls, names: Sequence[str], packed: Tensor) -> "ProbeResults":
         """Results around a packed tensor copied elsewhere (e.g. into pinned host memory)."""
-        names = tuple(names)
+        names = tuple(Name(name) if name in INVARIANTS else name for name in names)
         if not isinstance(packed, Tensor) or packed.dtype != torch.int64 or packed.dim() != 2:
             raise ProbeInputError(f"packed must be a 2-D int64 tensor, got {_describe_value(packed)}")
         if packed.shape[0] != len(names) or packed.shape[1] < 1:
@@ -254,20 +254,20 @@ def _implementation(impl: str, device: torch.device) -> ModuleType:
     return _probes_triton
 
 
-def _select(names: Iterable[str]) -> tuple[str, ...]:
+def _select(names: Iterable[str]) -> tuple[Name, ...]:
     """The model-free names among `names`, each once, in the order given."""
     if isinstance(names, str):
         names = (names,)
-    selected: list[str] = []
+    selected: list[Name] = []
     for name in names:
         if name not in INVARIANTS:
             raise ProbeInputError(f"unknown invariant {name!r}; known: {', '.join(INVARIANTS)}")
-        if INVARIANTS[name].model_free and name not in selected:
-            selected.append(name)
+        if INVARIANTS[Name(name)].model_free and name not in selected:
+            selected.append(Name(name))
     return tuple(selected)
 
 
-def _decode_row(name: str, row: list[int]) -> Violation | None:
+def _decode_row(name: Name, row: list[int]) -> Violation | None:
     count, codes = row[0], row[1:]
     if count <= 0:
         return None

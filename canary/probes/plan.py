@@ -43,6 +43,8 @@ from typing import Sequence
 
 from torch import Tensor
 
+from canary.invariants import Name
+
 TAG_SHIFT = 40
 """A code is (tag << TAG_SHIFT) + item + 1: items are >= -1, so codes never collide with -1."""
 
@@ -75,19 +77,19 @@ class Kind(enum.IntEnum):
 AMOUNTS = (Kind.FULL_EXCESS, Kind.SWA_EXCESS)
 """Kinds whose one item is a computed amount, not a position in an index space."""
 
-CHECK_DETAILS: dict[str, tuple[str, ...]] = {
-    "SENTINEL": ("sentinel entry (the mapping's last) is not -1",),
-    "PAD": (
+CHECK_DETAILS: dict[Name, tuple[str, ...]] = {
+    Name.SENTINEL: ("sentinel entry (the mapping's last) is not -1",),
+    Name.PAD: (
         "full free list holds padding unit 0",
         "SWA free list holds padding unit 0",
         "full tokens of padding page 0 have an SWA peer",
         "full tokens map into SWA padding page 0",
     ),
-    "NODUP": (
+    Name.NODUP: (
         "full free-list units listed twice or out of range (-1 stands for negative entries)",
         "SWA free-list units listed twice or out of range (-1 stands for negative entries)",
     ),
-    "CONSERVE": (
+    Name.CONSERVE: (
         "full units free + in use exceed the pool by",
         "SWA units free + in use exceed the pool by",
         "full_available_size() exceeds size_full by",
@@ -95,14 +97,14 @@ CHECK_DETAILS: dict[str, tuple[str, ...]] = {
         "full_available_size() differs from the free full units x page_size by",
         "swa_available_size() differs from the free SWA units x page_size by",
     ),
-    "SWA_LE_FULL": (
+    Name.SWA_LE_FULL: (
         "SWA slots are peers of two or more full tokens",
         "full tokens map to a free or non-existent SWA slot",
         "SWA units are neither free nor referenced (orphaned)",
     ),
-    "AVAIL": ("available_size() is not min(full_available_size(), swa_available_size()); it returned",),
-    "STALE": ("tokens of free full units still map to an SWA slot",),
-    "PAGE": ("full tokens break their page's SWA pairing (another SWA page or offset)",),
+    Name.AVAIL: ("available_size() is not min(full_available_size(), swa_available_size()); it returned",),
+    Name.STALE: ("tokens of free full units still map to an SWA slot",),
+    Name.PAGE: ("full tokens break their page's SWA pairing (another SWA page or offset)",),
 }
 """Per model-free probe, what each check's items are, by tag: the phrase a report prints."""
 
@@ -156,7 +158,7 @@ class Plan:
     `plan` (cached), so identity is equality: caches keyed on a plan hash it cheaply."""
 
     geometry: Geometry
-    names: tuple[str, ...]
+    names: tuple[Name, ...]
     checks: tuple[tuple[Check, ...], ...]
     """checks[i]: the device checks of names[i], in the order their items are reported."""
     max_indices: int
@@ -165,19 +167,19 @@ class Plan:
 
 @functools.lru_cache(maxsize=64)
 def plan(
-    page_size: int, size_full: int, size_swa: int, names: tuple[str, ...], max_indices: int, in_free_group: bool
+    page_size: int, size_full: int, size_swa: int, names: tuple[Name, ...], max_indices: int, in_free_group: bool
 ) -> Plan:
     geometry = Geometry(page_size, size_full // page_size, size_swa // page_size)
     paged = page_size > 1
     by_probe = {
-        "SENTINEL": [Kind.SENTINEL],
-        "PAD": [Kind.FULL_FREE_PAD, Kind.SWA_FREE_PAD, Kind.PAD_ROW] + [Kind.PAD_PAGE_PEER] * paged,
-        "NODUP": [Kind.FULL_FREE_BINS, Kind.SWA_FREE_BINS],
-        "CONSERVE": list(AMOUNTS),
-        "SWA_LE_FULL": [Kind.SHARED_SLOT, Kind.PEER_FAULT] + [Kind.ORPHAN] * (not in_free_group),
-        "AVAIL": [],
-        "STALE": [Kind.STALE],
-        "PAGE": [Kind.PAGE] * paged,
+        Name.SENTINEL: [Kind.SENTINEL],
+        Name.PAD: [Kind.FULL_FREE_PAD, Kind.SWA_FREE_PAD, Kind.PAD_ROW] + [Kind.PAD_PAGE_PEER] * paged,
+        Name.NODUP: [Kind.FULL_FREE_BINS, Kind.SWA_FREE_BINS],
+        Name.CONSERVE: list(AMOUNTS),
+        Name.SWA_LE_FULL: [Kind.SHARED_SLOT, Kind.PEER_FAULT] + [Kind.ORPHAN] * (not in_free_group),
+        Name.AVAIL: [],
+        Name.STALE: [Kind.STALE],
+        Name.PAGE: [Kind.PAGE] * paged,
     }
     checks = tuple(tuple(Check(kind, tag) for tag, kind in enumerate(by_probe[name])) for name in names)
     return Plan(geometry, names, checks, max_indices, in_free_group)
@@ -185,7 +187,7 @@ def plan(
 
 # ------------------------------------------------------------ host findings
 def host_findings(
-    names: Sequence[str],
+    names: Sequence[Name],
     geometry: Geometry,
     sizes: tuple[int, int, int, int, int, int, int],
 ) -> dict[int, list[int]]:
@@ -206,7 +208,7 @@ def host_findings(
         return {}  # every check below passes: the usual case, kept cheap
     found: dict[int, list[int]] = {}
     for row, name in enumerate(names):
-        if name == "CONSERVE":
+        if name == Name.CONSERVE:
             codes = [
                 encode(tag, abs(amount))
                 for tag, amount, wrong in (
@@ -217,7 +219,7 @@ def host_findings(
                 )
                 if wrong
             ]
-        elif name == "AVAIL":
+        elif name == Name.AVAIL:
             codes = [] if available == min(full_available, swa_available) else [encode(0, available)]
         else:
             continue

@@ -32,6 +32,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
+from canary.invariants import INVARIANTS, Name
 from properties.campaign.database import DatabaseSpec, check_redis_available
 from properties.campaign.progress import ProgressDisplay
 from properties.campaign.resume import PASSES, check_known
@@ -279,8 +280,8 @@ class Campaign:
         report = {
             "id": identifier,
             "kind": "crash",
-            "invariant": "CRASH",
-            "severity": "FATAL",
+            "invariant": Name.CRASH,
+            "severity": INVARIANTS[Name.CRASH].severity.value,
             "detail": f"worker process died ({status}) during a {PASS_NAMES[which]} run",
             "target": plan.target,
             "device": plan.device,

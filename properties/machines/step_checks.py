@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from canary.invariants import INVARIANTS, Violation
+from canary.invariants import INVARIANTS, Name, Severity, Violation
 from canary.probes import AllocatorView, ProbeResults, run_probes
 from properties.machines.model import PoolModel, Request, SWAModel
 
@@ -74,7 +74,7 @@ class Expectation:
     """A SPEC rule the call broke that the state need not show (e.g. a misuse that did not raise)."""
 
 
-def violation(name: str, indices: Iterable[int], detail: str) -> Violation:
+def violation(name: Name, indices: Iterable[int], detail: str) -> Violation:
     indices = list(indices)
     return Violation(name, INVARIANTS[name].severity, len(indices), indices[:8], detail)
 
@@ -98,7 +98,7 @@ def check_step(
     found += _check_translation(observed)
     if not found:
         found += _check_contract(observed, model, expectation)
-    return sorted(found, key=lambda v: v.severity.value != "FATAL")
+    return sorted(found, key=lambda v: v.severity is not Severity.FATAL)
 
 
 def _check_result(
@@ -109,16 +109,16 @@ def _check_result(
         return found
     if observed.result is None:
         if previous is not None and not observed.same_state(previous):
-            found.append(violation("ATOMIC", [], f"{expectation.call} returned None but changed the allocator"))
+            found.append(violation(Name.ATOMIC, [], f"{expectation.call} returned None but changed the allocator"))
         return found
     result = observed.result
     repeated = [token for token in set(result) if result.count(token) > 1]
     reused = [token for token in result if token in expectation.live_before]
     if repeated or reused:
-        found.append(violation("NODUP", repeated + reused, f"{expectation.call} returned slots twice or slots in use"))
+        found.append(violation(Name.NODUP, repeated + reused, f"{expectation.call} returned slots twice or slots in use"))
     padding = [token for token in result if token < page_size]
     if padding:
-        found.append(violation("PAD", padding, f"{expectation.call} handed out the padding slot or page"))
+        found.append(violation(Name.PAD, padding, f"{expectation.call} handed out the padding slot or page"))
     return found
 
 
@@ -128,12 +128,12 @@ def _check_pools(observed: Observed, model: SWAModel) -> list[Violation]:
         in_use = pool.allocated | set(pool.pending or ())
         both = sorted(set(free) & pool.allocated)
         if both:
-            found.append(violation("NODUP", both, f"{name} units both free and allocated"))
+            found.append(violation(Name.NODUP, both, f"{name} units both free and allocated"))
         elif len(set(free)) + len(in_use) != pool.num_units:
             missing = sorted(set(range(1, pool.num_units + 1)) - set(free) - in_use)
             found.append(
                 violation(
-                    "CONSERVE",
+                    Name.CONSERVE,
                     missing,
                     f"{name} pool: {len(set(free))} free + {len(in_use)} in use != {pool.num_units} units",
                 )
@@ -147,14 +147,14 @@ def _check_mapping(observed: Observed, model: SWAModel, live_tokens: set[int]) -
     mapping = observed.mapping[:-1]
     stale = [token for token, peer in enumerate(mapping) if peer != 0 and token not in live_tokens]
     if stale:
-        found.append(violation("STALE", stale, "full slots that are not live still map to an SWA slot"))
+        found.append(violation(Name.STALE, stale, "full slots that are not live still map to an SWA slot"))
     referenced = {mapping[token] // ps for token in live_tokens if 0 < token < len(mapping) and mapping[token] > 0}
     orphaned = sorted(model.swa.allocated - referenced)
     wild = sorted(referenced - model.swa.allocated)
     if orphaned or wild:
         found.append(
             violation(
-                "SWA_LE_FULL",
+                Name.SWA_LE_FULL,
                 orphaned + wild,
                 f"SWA units allocated but no live peer: {orphaned[:8]}; live peers on unallocated SWA units: {wild[:8]}",
             )
@@ -171,9 +171,9 @@ def _check_windows(observed: Observed, requests: Iterable[Request], window: int)
         leaked += [t for t in request.tokens[: request.evict_floor] if mapping[t] != 0]
     found = []
     if missing:
-        found.append(violation("WINDOW", missing, "tokens inside a live request's window have no SWA slot"))
+        found.append(violation(Name.WINDOW, missing, "tokens inside a live request's window have no SWA slot"))
     if leaked:
-        found.append(violation("LEAK", leaked, "tokens already evicted from the window still hold an SWA slot"))
+        found.append(violation(Name.LEAK, leaked, "tokens already evicted from the window still hold an SWA slot"))
     return found
 
 
@@ -181,7 +181,7 @@ def _check_translation(observed: Observed) -> list[Violation]:
     expected = [-1] + observed.mapping[:-1]
     wrong = [index - 1 for index, (got, want) in enumerate(zip(observed.translated, expected)) if got != want]
     if wrong:
-        return [violation("XLAT", wrong, "translate_loc_from_full_to_swa(x) != mapping[x]")]
+        return [violation(Name.XLAT, wrong, "translate_loc_from_full_to_swa(x) != mapping[x]")]
     return []
 
 
@@ -216,5 +216,5 @@ def _check_contract(observed: Observed, model: SWAModel, expectation: Expectatio
         if got != want:
             differences.append(f"{name} is {got}, the model says {want}")
     if differences:
-        return [violation("CONTRACT", [], "; ".join(differences))]
+        return [violation(Name.CONTRACT, [], "; ".join(differences))]
     return []

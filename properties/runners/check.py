@@ -19,7 +19,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.stateful import run_state_machine_as_test
 
 import properties.settings  # noqa: F401  registers our "ci" profile over Hypothesis's own
-from canary.invariants import InvariantViolation
+from canary.invariants import INVARIANTS, InvariantViolation, Name, Severity
 from properties.machines import AllocatorMachine, machine_classes
 from properties.targets import Factory, Target, as_target
 
@@ -41,7 +41,7 @@ class Stats:
 @dataclass
 class Finding:
     machine: str
-    invariant: str
+    invariant: Name
     severity: str
     detail: str
     program: str
@@ -50,7 +50,7 @@ class Finding:
     seconds: float
     calls: dict | None = None
     """The minimal program as allocator calls: {"config": ..., "calls": [{"call", "args"}...]}."""
-    invariants: list[str] = field(default_factory=list)
+    invariants: list[Name] = field(default_factory=list)
     """Every invariant the reported step broke, most severe first (["CRASH"] for a crash)."""
 
     def explain(self) -> str:
@@ -101,7 +101,7 @@ def most_telling(error: BaseException) -> BaseException:
         return error
     violations = [failure for failure in failures if isinstance(failure, InvariantViolation)]
     if violations:
-        return min(violations, key=lambda failure: failure.severity.value != "FATAL")
+        return min(violations, key=lambda failure: failure.severity is not Severity.FATAL)
     return failures[0]
 
 
@@ -115,7 +115,7 @@ def finding_from(machine: str, error: BaseException, run_seed: int, seconds: flo
         detail = "; ".join(v.explain() for v in error.violations)
         fired = list(dict.fromkeys(v.invariant for v in error.violations))
     else:
-        invariant, severity = "CRASH", "FATAL"
+        invariant, severity = Name.CRASH, INVARIANTS[Name.CRASH].severity.value
         detail = f"{type(error).__name__}: {error}"
         fired = [invariant]
     return Finding(machine, invariant, severity, detail, program, steps, run_seed, seconds, invariants=fired)

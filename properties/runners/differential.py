@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from canary.invariants import INVARIANTS, InvariantViolation, Violation
+from canary.invariants import INVARIANTS, InvariantViolation, Name, Violation
 from canary.probes import AllocatorView
 from properties.targets import AllocatorConfig, Target
 
@@ -161,8 +161,8 @@ class DifferentialAllocator:
 
     def _raise(self, what: str, differences: list[str]) -> None:
         detail = f"difference{'s' if len(differences) > 1 else ''} {what}: {'; '.join(differences)}"
-        severity = INVARIANTS["DIFFERENTIAL"].severity
-        raise InvariantViolation([Violation("DIFFERENTIAL", severity, len(differences), [], detail)])
+        severity = INVARIANTS[Name.DIFFERENTIAL].severity
+        raise InvariantViolation([Violation(Name.DIFFERENTIAL, severity, len(differences), [], detail)])
 
 
 def _outcome(side: Any, method: str, args: tuple) -> tuple[Any, BaseException | None]:

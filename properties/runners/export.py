@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from allocator.golden import CPU_ARGS, TENSOR_ARGS
+from canary.invariants import Name
 from properties.machines.driver import AllocatorDriver
 from properties.runners.check import Finding
 from properties.targets import AllocatorConfig, Factory, Target, reference_factory
@@ -34,7 +35,7 @@ from properties.targets import AllocatorConfig, Factory, Target, reference_facto
 REPORT_NAME = "report.json"
 
 
-def finding_id(invariant: str, calls: list[dict]) -> str:
+def finding_id(invariant: Name, calls: list[dict]) -> str:
     """Same invariant and same sequence of call names: the same finding."""
     shape = "\n".join([invariant, *(entry["call"] for entry in calls)])
     return f"{invariant.lower()}-{hashlib.sha256(shape.encode()).hexdigest()[:10]}"
@@ -320,7 +321,7 @@ class Export:
 
 
 def finding_kind(finding: Finding) -> str:
-    return "error" if finding.invariant == "CRASH" else "violation"
+    return "error" if finding.invariant == Name.CRASH else "violation"
 
 
 def export_finding(

@@ -16,6 +16,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from canary.invariants import Name
 from properties.runners.check import CheckReport, run_check
 from properties.targets.mutants import MUTANTS, mutant_factory
 
@@ -87,7 +88,7 @@ class SelfCheckReport:
             "mutants": len(self.mutants),
             "caught": len(caught),
             "kill_rate": len(caught) / len(self.mutants) if self.mutants else 0.0,
-            "caught_by_crash": [result.name for result in caught if result.invariant == "CRASH"],
+            "caught_by_crash": [result.name for result in caught if result.invariant == Name.CRASH],
             "escaped": self.escaped,
             "median_seconds_to_detect": statistics.median(detect) if caught else None,
             "worst_seconds_to_detect": max(detect) if caught else None,

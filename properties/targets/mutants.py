@@ -31,13 +31,14 @@ from allocator import (
 from allocator.free_list import FreeListAllocator, Reservation
 from allocator.paged import decode_indices, extend_indices
 from allocator.swa import SWAState
+from canary.invariants import Name
 from properties.targets import AllocatorConfig, build_allocator
 
 
 class Mutant(SWATokenToKVPoolAllocator):
     """Base of every mutant: the invariants its bug breaks, and its checked mode."""
 
-    breaks: tuple[str, ...] = ()
+    breaks: tuple[Name, ...] = ()
     checked_mode: bool = True
 
 
@@ -68,7 +69,7 @@ class TailMapsNonTailSlots(Mutant):
     Breaks CONTRACT (non-tail slots hold peers the model does not have).
     """
 
-    breaks = ("CONTRACT",)
+    breaks = (Name.CONTRACT,)
 
     def _allocate_pair(self, full_reservation, swa_reservation, swa_tail=None):
         if swa_tail is None or swa_reservation is None:
@@ -98,7 +99,7 @@ class TailMapsPaddedEnd(Mutant):
     Breaks PAGE.
     """
 
-    breaks = ("PAGE",)
+    breaks = (Name.PAGE,)
 
     def _allocate_pair(self, full_reservation, swa_reservation, swa_tail=None):
         full_indices = super()._allocate_pair(full_reservation, swa_reservation, swa_tail)
@@ -123,7 +124,7 @@ class TailStartRoundedUp(Mutant):
     units the model allocated and the mutant did not (NODUP or CONSERVE).
     """
 
-    breaks = ("WINDOW", "NODUP", "CONSERVE")
+    breaks = (Name.WINDOW, Name.NODUP, Name.CONSERVE)
 
     def alloc_extend_swa_tail(
         self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens, swa_tail_len
@@ -150,7 +151,7 @@ class GroupResolvesAtEnd(Mutant):
     released), or STALE (freed full slots keep their mapping).
     """
 
-    breaks = ("SWA_LE_FULL", "LEAK", "STALE")
+    breaks = (Name.SWA_LE_FULL, Name.LEAK, Name.STALE)
     checked_mode = False
 
     def free_group_begin(self) -> None:
@@ -192,7 +193,7 @@ class GroupEndFlushesTwice(PoolMutant):
     (the units come back twice).
     """
 
-    breaks = ("CONTRACT", "NODUP")
+    breaks = (Name.CONTRACT, Name.NODUP)
     token_pool = type("TokenPoolFlushesTwice", (_FlagAndListDrift, TokenToKVPoolAllocator), {})
     paged_pool = type("PagedPoolFlushesTwice", (_FlagAndListDrift, PagedTokenToKVPoolAllocator), {})
 
@@ -206,7 +207,7 @@ class NestedBeginDropsPending(Mutant):
     (CONSERVE) once the group ends.
     """
 
-    breaks = ("CONTRACT",)
+    breaks = (Name.CONTRACT,)
 
     def free_group_begin(self) -> None:
         for pool in (self.full_attn_allocator, self.swa_attn_allocator):
@@ -222,7 +223,7 @@ class ClearLeavesGroupOpen(Mutant):
     Breaks CONTRACT (the allocator reports a free group the model does not have).
     """
 
-    breaks = ("CONTRACT",)
+    breaks = (Name.CONTRACT,)
 
     def clear(self) -> None:
         was_open = self.in_free_group
@@ -257,7 +258,7 @@ class ExtendIgnoresLastPageContiguity(PoolMutant):
     Breaks NODUP (an allocation returns a slot in use).
     """
 
-    breaks = ("NODUP",)
+    breaks = (Name.NODUP,)
     paged_pool = _ResumesAtLastLoc
 
 
@@ -285,7 +286,7 @@ class DecodeWrongPageAtBoundary(PoolMutant):
     take), and WINDOW when the new token lands on a page without an SWA peer.
     """
 
-    breaks = ("NODUP", "CONSERVE", "WINDOW")
+    breaks = (Name.NODUP, Name.CONSERVE, Name.WINDOW)
     paged_pool = _DecodesOnLengthAfterStep
 
 
@@ -304,7 +305,7 @@ class MergeForgetsStaged(PoolMutant):
     Breaks NODUP (units in both lists) and CONSERVE (available_size counts them twice).
     """
 
-    breaks = ("NODUP", "CONSERVE")
+    breaks = (Name.NODUP, Name.CONSERVE)
     token_pool = type("TokenPoolMergeKeepsStaged", (_MergeKeepsStaged, TokenToKVPoolAllocator), {})
     paged_pool = type("PagedPoolMergeKeepsStaged", (_MergeKeepsStaged, PagedTokenToKVPoolAllocator), {})
 
@@ -319,7 +320,7 @@ class NonAtomicPair(Mutant):
     Breaks ATOMIC.
     """
 
-    breaks = ("ATOMIC",)
+    breaks = (Name.ATOMIC,)
 
     def _allocate_pair(self, full_reservation, swa_reservation, swa_tail=None):
         full, swa = self.full_attn_allocator, self.swa_attn_allocator
@@ -343,7 +344,7 @@ class SwaLastLocUntranslated(Mutant):
     free or foreign SWA slots) or CONSERVE.
     """
 
-    breaks = ("PAGE", "SWA_LE_FULL", "CONSERVE")
+    breaks = (Name.PAGE, Name.SWA_LE_FULL, Name.CONSERVE)
     checked_mode = False
 
     def _swa_last_loc(self, prefix_lens: torch.Tensor, last_loc: torch.Tensor) -> torch.Tensor:
@@ -368,7 +369,7 @@ class TokenFreeGoesToFront(PoolMutant):
     Breaks CONTRACT (only the order of handed-out slots differs).
     """
 
-    breaks = ("CONTRACT",)
+    breaks = (Name.CONTRACT,)
     token_pool = _FreesToFront
 
 
@@ -383,7 +384,7 @@ class FreeSwaTokenGranular(Mutant):
     peers are on a free SWA page).
     """
 
-    breaks = ("LEAK", "SWA_LE_FULL")
+    breaks = (Name.LEAK, Name.SWA_LE_FULL)
 
     def _release_swa_peers(self, free_index: torch.Tensor) -> None:
         if free_index.numel() == 0:
@@ -405,7 +406,7 @@ class FreeSwaReleasesPad(Mutant):
     Breaks PAD.
     """
 
-    breaks = ("PAD",)
+    breaks = (Name.PAD,)
     checked_mode = False
 
     def _release_swa_peers(self, free_index: torch.Tensor) -> None:
@@ -429,7 +430,7 @@ class FreeKeepsMapping(Mutant):
     slots).
     """
 
-    breaks = ("STALE", "SWA_LE_FULL")
+    breaks = (Name.STALE, Name.SWA_LE_FULL)
 
     def free(self, free_index: torch.Tensor) -> None:
         full = self.full_attn_allocator
@@ -450,7 +451,7 @@ class RestoreSkipsMapping(Mutant):
     the restored full pool has freed their slots.
     """
 
-    breaks = ("SWA_LE_FULL", "STALE")
+    breaks = (Name.SWA_LE_FULL, Name.STALE)
 
     def restore_state(self, state: SWAState) -> None:
         self.full_attn_allocator.restore_state(state.full)
@@ -467,7 +468,7 @@ class ClearDropsSentinel(Mutant):
     Breaks SENTINEL.
     """
 
-    breaks = ("SENTINEL",)
+    breaks = (Name.SENTINEL,)
 
     def clear(self) -> None:
         self.full_attn_allocator.clear()
@@ -484,7 +485,7 @@ class TranslateOffByOne(Mutant):
     Breaks XLAT.
     """
 
-    breaks = ("XLAT",)
+    breaks = (Name.XLAT,)
 
     def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
         return self.full_to_swa_index_mapping[:-1][kv_indices]
@@ -499,7 +500,7 @@ class AvailableUsesMax(Mutant):
     Breaks AVAIL.
     """
 
-    breaks = ("AVAIL",)
+    breaks = (Name.AVAIL,)
 
     def available_size(self) -> int:
         return max(self.full_available_size(), self.swa_available_size())

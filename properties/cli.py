@@ -28,6 +28,7 @@ from properties.machines import MACHINES
 from properties.runners.check import print_progress, run_check
 from properties.runners.differential import differential_target
 from properties.runners.selfcheck import MutantResult, run_selfcheck
+from properties.settings import prepare_process
 from properties.targets import (
     RESTRICTIONS,
     Target,
@@ -71,6 +72,7 @@ def check_usage(args: argparse.Namespace) -> Target:
 
 def command_check(args: argparse.Namespace) -> int:
     target = check_usage(args)
+    prepare_process()
     report = run_check(target, args.device, args.budget, args.seed, progress=print_progress())
     sys.stderr.write("\n")
     if args.json:
@@ -139,6 +141,7 @@ def command_selfcheck(args: argparse.Namespace) -> int:
         verdict = f"caught by {result.invariant}" if result.caught else "ESCAPED"
         sys.stderr.write(f"[{names.index(result.name) + 1}/{len(names)}] {result.name}: {verdict}\n")
 
+    prepare_process()
     report = run_selfcheck(args.budget, args.device, seed, names, progress=show)
     if args.json:
         with open(args.json, "w") as out:

@@ -32,16 +32,17 @@ from hypothesis.database import ExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
 from hypothesis.statistics import collector
 
-import properties.settings  # noqa: F401  registers the nightly profile
 from properties.campaign.database import DatabaseSpec
 from properties.machines import AllocatorMachine, machine_classes
 from properties.runners.check import Stats, bind_stats, finding_from
 from properties.runners.export import export_finding
+from properties.settings import prepare_process
 from properties.targets import resolve_target
 
 SEARCH, DATABASE = 0, 1
 PASS_NAMES = {SEARCH: "search", DATABASE: "database"}
 SEARCH_PHASES = (Phase.explicit, Phase.generate, Phase.target, Phase.shrink)
+"""No explain phase: it replays the shrunk program under a line tracer (properties.runners.check)."""
 DATABASE_PHASES = (Phase.reuse, Phase.shrink)
 
 
@@ -191,6 +192,7 @@ def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> 
     target = resolve_target(plan.target)
     classes = machine_classes(target, plan.device)
     database = plan.database.open(target.name, plan.device)
+    prepare_process()
     rng = random.Random(plan.seed)
     stats, events = Stats(), Counter()
     reporter = Reporter(conn, stats, events, plan.report_seconds)

@@ -1,0 +1,239 @@
+"""The machine every other one extends: one allocator, its reference model, the step check,
+and the rules every page size shares (free groups, backup/restore, clear).
+
+Contract of every rule: it makes at most one allocation call, updates the model the same way,
+and records what the model expects; the invariant that runs after every rule reads the
+allocator back once and checks it (properties/machines/step_checks.py).
+
+Bundles hold integer handles, never tensors, so a failing program prints as Python that
+reproduces it. A handle whose holding is gone (freed, cleared, rolled back) makes its rule a
+no-op rather than an error, which keeps shrinking free to drop any step.
+
+Which calls a rule may make is asked in one place, `AllocatorMachine.allows`: a call pattern
+(CALL_PATTERNS) is left out when the target's contract restricts it or the allocator lacks a
+method it needs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from hypothesis import event
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
+
+from canary.invariants import InvariantViolation
+from properties.machines.driver import AllocatorDriver
+from properties.machines.model import Request, SWAModel
+from properties.machines.step_checks import Expectation, Observed, check_step, observe
+from properties.targets import (
+    SPEC_CONTRACT,
+    AllocatorConfig,
+    Factory,
+    TargetContract,
+    reference_factory,
+)
+
+# How a request (or a holding) ends: free of every token; free_swa of the tokens that still
+# hold SWA peers, then free_full of every token; free_full of the tokens whose peers the
+# window already released, then free of the rest (sglang's scheduler).
+ENDINGS = ("free", "free_swa_then_full", "free_full_then_free")
+
+
+@dataclass(frozen=True)
+class CallPattern:
+    """A kind of call a rule makes: the allocator methods it needs, and the contract flag
+    (properties/targets TargetContract) that leaves it out, if any."""
+
+    methods: tuple[str, ...]
+    restricted_by: str | None = None
+
+
+CALL_PATTERNS: dict[str, CallPattern] = {
+    "free_group": CallPattern(("free_group_begin", "free_group_end")),
+    "misplaced_free_group_call": CallPattern(("free_group_begin", "free_group_end"), "free_group_calls_paired"),
+    "backup_restore": CallPattern(("backup_state", "restore_state"), "no_backup_restore"),
+    "free_full": CallPattern(("free_full",)),
+    "free_of_released_swa_peers_at_ps1": CallPattern(("free",), "free_held_swa_peers_only_at_ps1"),
+    "decode_without_capacity": CallPattern(("alloc_decode",), "decode_capacity_prechecked"),
+    "swa_tail": CallPattern(("alloc_extend_swa_tail",)),
+    "unaligned_swa_tail": CallPattern(("alloc_extend_swa_tail",), "swa_tail_page_aligned"),
+}
+
+
+class AllocatorMachine(RuleBasedStateMachine):
+    """Rules shared by every machine: free groups, backup/restore, clear, and the step check.
+    A subclass's initialize rule calls `start`, which makes the allocator and the model."""
+
+    factory: Factory = staticmethod(reference_factory)
+    contract: TargetContract = SPEC_CONTRACT
+    """The calls this target accepts (properties/targets); rules leave out what it restricts."""
+    device: str = "cpu"
+    stats = None  # a properties.runners.check.Stats shared by one check's machines, or None
+    backups = Bundle("backups")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocator = None
+        self.window: int | None = None
+
+    def start(self, size: int, size_swa: int, page_size: int, need_sort: bool) -> None:
+        """Build the allocator and the model for one program."""
+        self.model = SWAModel(size, size_swa, page_size, need_sort)
+        calls: list[dict] = []
+        if self.stats is not None:
+            # Recorded before the factory runs: a target that fails to construct still leaves
+            # this program's config, not the previous program's.
+            self.stats.programs += 1
+            self.stats.last_program = {"config": self.model.config(), "calls": calls}
+        self.allocator = self.factory(AllocatorConfig(size, size_swa, page_size, self.device, need_sort))
+        self.driver = AllocatorDriver(self.allocator, self.device, calls)
+        self.handles: dict[int, object] = {}
+        self.next_handle = 0
+        self.saved: dict[int, tuple[SWAModel, dict]] = {}
+        self.result = None
+        self.expectation = Expectation("__init__")
+        self.previous: Observed | None = None
+
+    def allows(self, pattern: str) -> bool:
+        """Whether a rule may make calls of `pattern` (a CALL_PATTERNS key) on this target."""
+        if self.allocator is None:
+            return False
+        needs = CALL_PATTERNS[pattern]
+        if needs.restricted_by is not None and getattr(self.contract, needs.restricted_by):
+            return False
+        return all(hasattr(self.allocator, method) for method in needs.methods)
+
+    # ------------------------------------------------------------ the step
+    def allocate(self, method: str, args: tuple, expected: list[int] | None, live_before: set[int]) -> list[int] | None:
+        """Make one allocation call whose model outcome is `expected` (None: must fail)."""
+        if self.expectation.call != "(no call)":
+            # A release earlier in this rule changed the state: a failed allocation must
+            # leave it as it was right before the allocation.
+            self.previous = observe(self.allocator, None)
+        self.result = self.driver.call(method, *args)
+        self.expectation = Expectation(method, expected, True, live_before)
+        if expected is None:
+            full, swa = self.model.full.available(), self.model.swa.available()
+            event("allocation failed: SWA pool ran out first" if swa < full else "allocation failed: full pool exhausted")
+        return expected
+
+    def release(self, method: str, tokens: list[int]) -> None:
+        """One free, free_swa or free_full call, made on the allocator and the model."""
+        self.driver.call(method, tokens)
+        getattr(self.model, method)(tokens)
+        self.expectation = Expectation(method)
+
+    def end_tokens(self, tokens: list[int], released: int, ending: str) -> None:
+        """Release every slot of a request or holding whose first `released` tokens no longer
+        hold SWA peers, the way `ending` (one of ENDINGS) says."""
+        if not self.allows("free_full"):
+            ending = "free"
+        elif ending == "free" and released and self.model.page_size == 1 and not self.allows("free_of_released_swa_peers_at_ps1"):
+            ending = "free_full_then_free"
+        if ending == "free":
+            self.release("free", tokens)
+        elif ending == "free_swa_then_full":
+            self.release("free_swa", tokens[released:])
+            self.release("free_full", tokens)
+        else:
+            self.release("free_full", tokens[:released])
+            self.release("free", tokens[released:])
+
+    def new_handle(self, holding: object) -> int:
+        self.next_handle += 1
+        self.handles[self.next_handle] = holding
+        return self.next_handle
+
+    def live_tokens(self) -> set[int]:
+        raise NotImplementedError
+
+    def live_requests(self) -> list[Request]:
+        return []
+
+    @invariant()
+    def allocator_matches_model(self) -> None:
+        if self.allocator is None:
+            return
+        observed = observe(self.allocator, self.result)
+        violations = check_step(
+            observed, self.previous, self.model, self.expectation, self.live_tokens(), self.live_requests(), self.window
+        )
+        if self.stats is not None:
+            self.stats.steps += 1
+            self.stats.calls[self.expectation.call] += 1
+        self.previous, self.result, self.expectation = observed, None, Expectation("(no call)")
+        if violations:
+            raise InvariantViolation(violations)
+
+    # ------------------------------------------------------ shared rules
+    @precondition(lambda self: self.allows("free_group") and not self.model.in_group)
+    @rule()
+    def free_group_begin(self) -> None:
+        self.driver.call("free_group_begin")
+        self.model.group_begin()
+        self.expectation = Expectation("free_group_begin")
+
+    @precondition(lambda self: self.allows("free_group") and self.model.in_group)
+    @rule()
+    def free_group_end(self) -> None:
+        if self.model.full.pending or self.model.swa.pending:
+            event("free group flushed deferred frees")
+        self.driver.call("free_group_end")
+        self.model.group_end()
+        self.expectation = Expectation("free_group_end")
+
+    @precondition(lambda self: self.allows("misplaced_free_group_call"))
+    @rule()
+    def misplaced_free_group_call(self) -> None:
+        """A nested free_group_begin, or a free_group_end with no group open, must raise and
+        change nothing (a drifting group flag drops or re-releases deferred frees)."""
+        call, where = ("free_group_begin", "inside") if self.model.in_group else ("free_group_end", "outside")
+        try:
+            self.driver.call(call)
+        except InvariantViolation:  # a differential target's two sides disagreed on the call
+            raise
+        except Exception:  # any other error will do: the SPEC names none
+            breach = ""
+        else:
+            breach = f"{call} {where} a free group did not raise"
+        self.expectation = Expectation(call, breach=breach)
+
+    @precondition(lambda self: self.allows("backup_restore") and not self.model.in_group)
+    @rule(target=backups)
+    def backup_state(self) -> int:
+        self.next_handle += 1
+        self.driver.call("backup_state", self.next_handle)
+        self.saved[self.next_handle] = (self.model.snapshot(), copy.deepcopy(self.handles))
+        self.expectation = Expectation("backup_state")
+        return self.next_handle
+
+    @precondition(lambda self: self.allows("backup_restore") and not self.model.in_group)
+    @rule(backup=backups)
+    def restore_state(self, backup: int) -> None:
+        if backup not in self.saved:
+            return
+        model, handles = self.saved[backup]
+        self.driver.call("restore_state", backup)
+        self.model, self.handles = copy.deepcopy(model), copy.deepcopy(handles)
+        self.expectation = Expectation("restore_state")
+
+    @precondition(lambda self: self.allocator is not None)
+    @rule(now=st.integers(0, 3))
+    def clear(self, now: int) -> None:
+        """Drop everything (an engine's cache flush: rare). Three draws in four skip it, so that
+        programs build up deep states; drawn at every step it undid most of them."""
+        if now:
+            return
+        self.driver.call("clear")
+        self.model.clear()
+        self.handles.clear()
+        self.saved.clear()
+        self.expectation = Expectation("clear")

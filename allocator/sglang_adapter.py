@@ -1,24 +1,99 @@
-"""sglang 0.5.23's own `SWATokenToKVPoolAllocator`, built without any KV memory.
+"""sglang's own `SWATokenToKVPoolAllocator`, of whichever release is installed, built without
+any KV memory.
 
 sglang's allocator is handed a KV pool, and from it reads only the registered full-to-SWA
 mapping (to translate indices) and a few optional attributes. A mapping-only pool stands in
-for it, so the real allocator can be driven on CPU or CUDA at any page size.
+for it, so the real allocator can be driven on CPU or CUDA at any page size it supports.
 
-sglang is imported only when an allocator is made; `.ci/install-sglang` installs it.
+Releases differ (docs/sglang-releases.md): the class moved from `mem_cache/allocator.py`
+(0.4.9-0.5.7) to `mem_cache/swa_memory_pool.py` (0.5.8-0.5.12) to `mem_cache/allocator/swa.py`
+(0.5.13 on); its constructor gained `need_sort` (0.5.1) and `page_size` (0.5.8); the KV pool it
+type-checks is `SWAKVPool` or `BaseSWAKVPool`. Everything here is read from the installed
+release: the module that holds the class, the constructor's parameters, the pool type its
+`kvcache` parameter names, and (`sglang_capabilities`) what a built allocator can be called with.
+
+sglang is imported only when an allocator is made; `.ci/install-sglang --version V` installs it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import importlib
+import inspect
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-INSTALL_HINT = "run .ci/install-sglang [PYTHON] to install sglang 0.5.23's allocator"
+if TYPE_CHECKING:
+    from properties.targets import TargetCapabilities
+
+INSTALL_HINT = "run .ci/install-sglang [--version V] [PYTHON] to install an sglang release's allocator"
+
+ALLOCATOR_MODULES = (
+    "sglang.srt.mem_cache.allocator.swa",
+    "sglang.srt.mem_cache.swa_memory_pool",
+    "sglang.srt.mem_cache.allocator",
+)
+"""Where releases keep SWATokenToKVPoolAllocator, newest first."""
+
+PADDED_LAYOUT = "padded"
+"""`mapping_layout` of releases up to 0.5.7: size + size_swa + 1 entries, all tokens' entries
+first, no -1 sentinel (canary.probes.MappingLayout)."""
 
 
 class SglangUnavailableError(ImportError):
     """sglang's allocator cannot be imported in this environment."""
+
+
+class SglangUnsupportedError(ValueError):
+    """The installed release cannot be built with the asked configuration (e.g. a page size
+    above 1 on a release whose constructor has no page_size)."""
+
+
+@functools.cache
+def find_sglang_allocator_class() -> type:
+    """The installed release's SWATokenToKVPoolAllocator, wherever that release keeps it."""
+    errors = []
+    for name in ALLOCATOR_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as error:
+            errors.append(f"{name}: {error}")
+            continue
+        cls = getattr(module, "SWATokenToKVPoolAllocator", None)
+        if isinstance(cls, type):
+            return cls
+        errors.append(f"{name}: no SWATokenToKVPoolAllocator")
+    raise SglangUnavailableError(f"sglang's SWA allocator is not importable ({'; '.join(errors)}); {INSTALL_HINT}")
+
+
+def installed_sglang_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sglang")
+    except PackageNotFoundError:
+        raise SglangUnavailableError(f"sglang is not installed; {INSTALL_HINT}") from None
+
+
+def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    parameters = dict(inspect.signature(cls.__init__).parameters)
+    parameters.pop("self", None)
+    return parameters
+
+
+@functools.cache
+def _kv_pool_base(cls: type) -> type:
+    """The KV pool class the constructor's `kvcache` parameter names (the releases assert
+    isinstance against it): resolved in the allocator module's own namespace, since the
+    releases write their annotations as strings."""
+    annotation = _constructor_parameters(cls)["kvcache"].annotation
+    if isinstance(annotation, str):
+        namespace = vars(importlib.import_module(cls.__module__))
+        annotation = namespace.get(annotation.rpartition(".")[2])
+    if not isinstance(annotation, type):
+        raise SglangUnavailableError(f"cannot tell the KV pool type {cls.__module__}.{cls.__name__} expects; {INSTALL_HINT}")
+    return annotation
 
 
 def make_sglang_allocator(
@@ -29,23 +104,46 @@ def make_sglang_allocator(
     need_sort: bool = False,
     dtype: torch.dtype = torch.float16,
 ) -> Any:
-    """sglang's `SWATokenToKVPoolAllocator(size, size_swa, page_size, ...)` over a mapping-only pool."""
-    try:
-        from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
-        from sglang.srt.mem_cache.base_swa_memory_pool import BaseSWAKVPool
-    except ImportError as error:
-        raise SglangUnavailableError(f"sglang's SWA allocator is not importable ({error}); {INSTALL_HINT}") from error
+    """The installed release's `SWATokenToKVPoolAllocator` over a mapping-only pool."""
+    cls = find_sglang_allocator_class()
+    allocator = _build(cls, size, size_swa, page_size, torch.device(device), need_sort, dtype)
+    if _has_padded_layout(cls):
+        # Tells the probes how to read the mapping (canary.probes.MappingLayout).
+        allocator.mapping_layout = PADDED_LAYOUT
+    return allocator
 
-    device = torch.device(device)
-    allocator = SWATokenToKVPoolAllocator(
-        size,
-        size_swa,
-        page_size,
-        dtype,
-        str(device),
-        kvcache=_mapping_only_pool_class(BaseSWAKVPool)(),
-        need_sort=need_sort,
-    )
+
+@functools.cache
+def _has_padded_layout(cls: type) -> bool:
+    """Whether the release's mapping has size + size_swa + 1 entries (no sentinel): read from a
+    small allocator whose two layouts differ in length (they coincide when size_swa == 1)."""
+    return _build(cls, 8, 4, 1, torch.device("cpu"), False, torch.float16).full_to_swa_index_mapping.numel() == 8 + 4 + 1
+
+
+def _build(
+    cls: type, size: int, size_swa: int, page_size: int, device: torch.device, need_sort: bool, dtype: torch.dtype
+) -> Any:
+    parameters = _constructor_parameters(cls)
+    given = {
+        "size": size,
+        "size_swa": size_swa,
+        "page_size": page_size,
+        "dtype": dtype,
+        "device": str(device),
+        "kvcache": _mapping_only_pool_class(_kv_pool_base(cls))(),
+        "need_sort": need_sort,
+    }
+    # A release without a parameter behaves as its absent value: page size 1, no sorting.
+    for name, implied in (("page_size", 1), ("need_sort", False)):
+        if name not in parameters and given.pop(name) != implied:
+            raise SglangUnsupportedError(
+                f"sglang {installed_sglang_version()}'s allocator has no {name} parameter: only {name}={implied}"
+            )
+    required = [p.name for p in parameters.values() if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    unknown = sorted(set(required) - set(given))
+    if unknown:
+        raise SglangUnavailableError(f"{cls.__module__}.{cls.__name__} needs parameters this adapter does not know: {unknown}")
+    allocator = cls(**{name: value for name, value in given.items() if name in parameters})
     if device.type == "cpu" and page_size > 1:
         # sglang picks Triton or torch paging kernels from the process's platform, not from
         # the allocator's device: on a CUDA host it would launch Triton kernels on CPU tensors.
@@ -54,12 +152,46 @@ def make_sglang_allocator(
     return allocator
 
 
+def _raises_not_implemented(call: Any) -> bool:
+    try:
+        call()
+    except NotImplementedError:
+        return True
+    return False
+
+
+@functools.cache
+def sglang_capabilities() -> "TargetCapabilities":
+    """What the installed release's allocator can be called with at all, read from it: its
+    constructor's parameters, the methods it has, the ones that raise NotImplementedError, and
+    the layout of a small allocator's mapping."""
+    from properties.targets import TargetCapabilities
+
+    cls = find_sglang_allocator_class()
+    parameters = _constructor_parameters(cls)
+    probe = make_sglang_allocator(size=8, size_swa=4, page_size=1)
+    return TargetCapabilities(
+        paged="page_size" in parameters,
+        need_sort="need_sort" in parameters,
+        alloc_extend_swa_tail=callable(getattr(cls, "alloc_extend_swa_tail", None)),
+        free_full=callable(getattr(cls, "free_full", None)),
+        free_groups=callable(getattr(cls, "free_group_begin", None)) and callable(getattr(cls, "free_group_end", None)),
+        backup_restore=callable(getattr(cls, "backup_state", None)) and not _raises_not_implemented(probe.backup_state),
+        available_size=not _raises_not_implemented(probe.available_size),
+        mapping_sentinel=not _has_padded_layout(cls),
+    )
+
+
 @functools.cache
 def _mapping_only_pool_class(base: type) -> type:
-    """A subclass of sglang's SWA KV pool base holding nothing but the mapping it is given."""
+    """A subclass of the release's SWA KV pool type holding nothing but the mapping it is given."""
 
     class MappingOnlySWAKVPool(base):
         full_to_swa_index_mapping: torch.Tensor | None = None
+        # Releases up to 0.5.7 hand these sub-pools to their token allocators, which keep
+        # them for KV copies the machines never make.
+        full_kv_pool = None
+        swa_kv_pool = None
 
         def __init__(self) -> None:
             # The KV pool base would allocate KV memory; the allocator never reads it.

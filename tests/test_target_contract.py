@@ -15,15 +15,18 @@ import torch
 from allocator import SWATokenToKVPoolAllocator
 from canary.invariants import Name
 from properties.runners.check import run_check
+from properties.machines import machine_classes
 from properties.targets import (
     RESTRICTIONS,
     SGLANG_CONTRACT,
     SPEC_CONTRACT,
     AllocatorConfig,
     Target,
+    TargetCapabilities,
     TargetContract,
     TargetError,
     as_target,
+    reference_factory,
     with_contract_changes,
 )
 
@@ -186,7 +189,30 @@ def test_relax_and_restrict_change_the_contract_and_say_so_in_the_name() -> None
     relaxed = with_contract_changes(sglang, relax=["all"], restrict=["no_backup_restore"])
     assert relaxed.contract == TargetContract(no_backup_restore=True)
     assert relaxed.name.startswith("sglang [") and "-decode_capacity_prechecked" in relaxed.name
-    assert "no_backup_restore" not in relaxed.name  # unchanged: sglang's contract had it already
+    assert "+no_backup_restore" in relaxed.name
     assert with_contract_changes(sglang) is sglang
     with pytest.raises(TargetError, match="unknown contract restriction"):
         with_contract_changes(sglang, relax=["no_such_restriction"])
+
+
+def test_relaxing_every_restriction_keeps_what_the_target_cannot_be_called_with() -> None:
+    capabilities = TargetCapabilities(paged=False, free_full=False, backup_restore=False, mapping_sentinel=False)
+    old = Target("old", Refusing.factory(), SGLANG_CONTRACT, capabilities)
+    relaxed = with_contract_changes(old, relax=["all"])
+    assert relaxed.contract == SPEC_CONTRACT
+    assert relaxed.capabilities == capabilities
+    assert set(machine_classes(relaxed)) == {"SlotMachine", "RequestMachinePS1"}
+    assert all(machine.capabilities == capabilities for machine in machine_classes(relaxed).values())
+    assert capabilities.missing() == ["paged", "free_full", "backup_restore", "mapping_sentinel"]
+    assert capabilities.inapplicable_invariants() == ["SENTINEL"]
+
+
+def test_a_factory_names_its_capabilities() -> None:
+    def factory(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
+        return reference_factory(config)
+
+    factory.capabilities = TargetCapabilities(free_groups=False)
+    assert as_target(factory).capabilities == TargetCapabilities(free_groups=False)
+    factory.capabilities = {"free_groups": False}
+    with pytest.raises(TargetError, match="not TargetCapabilities"):
+        as_target(factory)

@@ -67,6 +67,9 @@ class AllocatorView:
     swa_available: int
     available: int
     in_free_group: bool
+    inapplicable: tuple[str, ...] = ()
+    """Model-free invariants the allocator's interface leaves nothing to check of (`of` says
+    when); run_probes skips them."""
 
     def __post_init__(self) -> None:
         sizes = (self.page_size, self.size_full, self.size_swa, self.full_available, self.swa_available, self.available)
@@ -95,25 +98,69 @@ class AllocatorView:
 
     @classmethod
     def of(cls, allocator: object) -> "AllocatorView":
-        """Read a SPEC §1 allocator, or an sglang-like one (free lists as free_pages +
-        release_pages, a free group open while `free_group` is a list, or, in older releases,
-        while `is_not_in_free_group` is False)."""
+        """Read a SPEC §1 allocator, or an sglang-like one of any release: free lists as
+        free_pages + release_pages; a free group open while `is_not_in_free_group` is False
+        (up to 0.5.18, whose `free_group` is a list at all times) or while `free_group` is not
+        None (0.5.19 on); `available_size()` raising NotImplementedError (0.4.9.post6-0.5.x:
+        AVAIL does not apply, min(full, swa) stands in); `mapping_layout == "padded"`
+        (MappingLayout: SENTINEL does not apply)."""
         try:
             full_pool, swa_pool = allocator.full_attn_allocator, allocator.swa_attn_allocator
+            page_size = _as_int(allocator.page_size)
+            size_full = _as_int(getattr(allocator, "size_full", None) or allocator.size)
+            full_available = _as_int(allocator.full_available_size())
+            swa_available = _as_int(allocator.swa_available_size())
+            available = _available(allocator)
+            mapping, inapplicable = _token_entries(allocator.full_to_swa_index_mapping, size_full, page_size, allocator)
             return cls(
-                mapping=allocator.full_to_swa_index_mapping,
+                mapping=mapping,
                 full_free=_free_units(full_pool),
                 swa_free=_free_units(swa_pool),
-                page_size=_as_int(allocator.page_size),
-                size_full=_as_int(getattr(allocator, "size_full", None) or allocator.size),
+                page_size=page_size,
+                size_full=size_full,
                 size_swa=_as_int(allocator.size_swa),
-                full_available=_as_int(allocator.full_available_size()),
-                swa_available=_as_int(allocator.swa_available_size()),
-                available=_as_int(allocator.available_size()),
+                full_available=full_available,
+                swa_available=swa_available,
+                available=min(full_available, swa_available) if available is None else available,
                 in_free_group=_in_free_group(allocator, (full_pool, swa_pool)),
+                inapplicable=inapplicable + (("AVAIL",) if available is None else ()),
             )
         except AttributeError as error:
             raise ProbeInputError(f"{type(allocator).__name__} is not an SWA allocator: {error}") from error
+
+
+class MappingLayout:
+    """How an allocator lays out full_to_swa_index_mapping (its `mapping_layout` attribute).
+
+    SENTINEL (SPEC, the default): size_full + page_size + 1 entries, token t's at t, -1 last.
+    PADDED (sglang up to 0.5.7, page size 1 only): size_full + size_swa + 1 entries, token t's
+    at t, then entries that belong to no token, and no sentinel (those releases never
+    translate last_loc = -1). The view reads tokens 0..size_full and puts -1 after them, so
+    the probes read one layout; SENTINEL does not apply.
+    """
+
+    SENTINEL = "sentinel"
+    PADDED = "padded"
+
+
+def _token_entries(mapping: Tensor, size_full: int, page_size: int, allocator: object) -> tuple[Tensor, tuple[str, ...]]:
+    layout = getattr(allocator, "mapping_layout", MappingLayout.SENTINEL)
+    if layout == MappingLayout.SENTINEL:
+        return mapping, ()
+    if layout != MappingLayout.PADDED:
+        raise ProbeInputError(f"unknown mapping_layout {layout!r}; known: sentinel, padded")
+    if not isinstance(mapping, Tensor) or mapping.dim() != 1 or mapping.numel() < size_full + page_size:
+        raise ProbeInputError(f"a padded mapping needs at least {size_full + page_size} entries, got {_describe_value(mapping)}")
+    entries = mapping[: size_full + page_size]
+    return torch.cat((entries, entries.new_full((1,), -1))), ("SENTINEL",)
+
+
+def _available(allocator: object) -> int | None:
+    """available_size(), or None where the allocator has it raise NotImplementedError."""
+    try:
+        return _as_int(allocator.available_size())
+    except NotImplementedError:
+        return None
 
 
 def _free_units(pool: object) -> Tensor:
@@ -128,12 +175,17 @@ def _in_free_group(allocator: object, pools: Iterable[object]) -> bool:
     flag = getattr(allocator, "in_free_group", None)
     if flag is not None:
         return bool(flag() if callable(flag) else flag)
-    # sglang keeps its group state on whichever object opened the group: a `free_group` list
-    # (None outside a group; 0.5.23), or `is_not_in_free_group` (older releases).
-    owners = (allocator, *pools)
-    return any(getattr(owner, "free_group", None) is not None for owner in owners) or any(
-        getattr(owner, "is_not_in_free_group", True) is False for owner in owners
-    )
+    # sglang keeps its group state on whichever object opened the group. Up to 0.5.18 the
+    # flag `is_not_in_free_group` says it, and `free_group` is a list at all times (empty
+    # outside a group); from 0.5.19 `free_group` is a list inside a group and None outside.
+    return any(_owner_in_group(owner) for owner in (allocator, *pools))
+
+
+def _owner_in_group(owner: object) -> bool:
+    flag = getattr(owner, "is_not_in_free_group", None)
+    if flag is not None:
+        return flag is False
+    return getattr(owner, "free_group", None) is not None
 
 
 def _as_int(value: object) -> int:
@@ -209,6 +261,7 @@ def run_probes(
     if isinstance(max_indices, bool) or not isinstance(max_indices, int) or max_indices < 0:
         raise ProbeInputError(f"max_indices must be an int >= 0, got {max_indices!r}")
     selected = _MODEL_FREE if names is None else _select(names)
+    selected = tuple(name for name in selected if name not in view.inapplicable)
     device = view.mapping.device
     # The state machines call this after every step on CPU: the common case goes first.
     implementation = _probes_torch if impl == "auto" and device.type == "cpu" else _implementation(impl, device)

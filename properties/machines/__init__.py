@@ -45,18 +45,26 @@ MACHINES.update({machine.__name__: machine for machine in REQUEST_MACHINES})
 def machine_classes(
     target: str | Factory | Target = "reference", device: str = "cpu"
 ) -> dict[str, type[AllocatorMachine]]:
-    """Every machine, bound to one target (a spec, a factory or a Target, with its contract)
-    and device.
+    """Every machine the target can be driven by, bound to it (a spec, a factory or a Target,
+    with its contract and capabilities) and to a device.
 
     Args:
         target: what the machines drive.
         device: where the allocator's tensors live.
 
     Returns:
-        Machine name -> a subclass of that machine with the target's factory and contract.
+        Machine name -> a subclass of that machine with the target's factory, contract and capabilities.
     """
     bound = as_target(target)
+    settings = {
+        "factory": staticmethod(bound.factory),
+        "contract": bound.contract,
+        "capabilities": bound.capabilities,
+        "device": device,
+    }
+    # A target without page sizes above 1 is driven by the page-size-1 machines only.
     return {
-        name: type(name, (machine,), {"factory": staticmethod(bound.factory), "contract": bound.contract, "device": device})
+        name: type(name, (machine,), settings)
         for name, machine in MACHINES.items()
+        if bound.capabilities.paged or getattr(machine, "page_size", 1) == 1
     }

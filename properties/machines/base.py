@@ -34,9 +34,11 @@ from properties.machines.driver import AllocatorDriver
 from properties.machines.model import Request, SWAModel
 from properties.machines.step_checks import Expectation, Observed, check_step, observe
 from properties.targets import (
+    FULL_CAPABILITIES,
     SPEC_CONTRACT,
     AllocatorConfig,
     Factory,
+    TargetCapabilities,
     TargetContract,
     reference_factory,
 )
@@ -49,22 +51,26 @@ ENDINGS = ("free", "free_swa_then_full", "free_full_then_free")
 
 @dataclass(frozen=True)
 class CallPattern:
-    """A kind of call a rule makes: the allocator methods it needs, and the contract flag
-    (properties/targets TargetContract) that leaves it out, if any."""
+    """A kind of call a rule makes: the allocator methods it needs, the contract flag
+    (properties/targets TargetContract) that leaves it out, if any, and the capability
+    (TargetCapabilities) it needs, if any: a method can be there and raise NotImplementedError."""
 
     methods: tuple[str, ...]
     restricted_by: str | None = None
+    capability: str | None = None
 
 
 CALL_PATTERNS: dict[str, CallPattern] = {
-    "free_group": CallPattern(("free_group_begin", "free_group_end")),
-    "misplaced_free_group_call": CallPattern(("free_group_begin", "free_group_end"), "free_group_calls_paired"),
-    "backup_restore": CallPattern(("backup_state", "restore_state"), "no_backup_restore"),
-    "free_full": CallPattern(("free_full",)),
+    "free_group": CallPattern(("free_group_begin", "free_group_end"), None, "free_groups"),
+    "misplaced_free_group_call": CallPattern(
+        ("free_group_begin", "free_group_end"), "free_group_calls_paired", "free_groups"
+    ),
+    "backup_restore": CallPattern(("backup_state", "restore_state"), "no_backup_restore", "backup_restore"),
+    "free_full": CallPattern(("free_full",), None, "free_full"),
     "free_of_released_swa_peers_at_ps1": CallPattern(("free",), "free_held_swa_peers_only_at_ps1"),
     "decode_without_capacity": CallPattern(("alloc_decode",), "decode_capacity_prechecked"),
-    "swa_tail": CallPattern(("alloc_extend_swa_tail",)),
-    "unaligned_swa_tail": CallPattern(("alloc_extend_swa_tail",), "swa_tail_page_aligned"),
+    "swa_tail": CallPattern(("alloc_extend_swa_tail",), None, "alloc_extend_swa_tail"),
+    "unaligned_swa_tail": CallPattern(("alloc_extend_swa_tail",), "swa_tail_page_aligned", "alloc_extend_swa_tail"),
 }
 
 
@@ -74,7 +80,9 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     factory: Factory = staticmethod(reference_factory)
     contract: TargetContract = SPEC_CONTRACT
-    """The calls this target accepts (properties/targets); rules leave out what it restricts."""
+    """The calls this target's engine makes (properties/targets); rules leave out what it restricts."""
+    capabilities: TargetCapabilities = FULL_CAPABILITIES
+    """The calls this target can take at all; rules leave out the others, whatever the contract."""
     device: str = "cpu"
     stats = None  # a properties.runners.check.Stats shared by one check's machines, or None
     backups = Bundle("backups")
@@ -86,6 +94,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def start(self, size: int, size_swa: int, page_size: int, need_sort: bool) -> None:
         """Build the allocator and the model for one program."""
+        need_sort = need_sort and self.capabilities.need_sort
         self.model = SWAModel(size, size_swa, page_size, need_sort)
         calls: list[dict] = []
         if self.stats is not None:
@@ -108,6 +117,8 @@ class AllocatorMachine(RuleBasedStateMachine):
             return False
         needs = CALL_PATTERNS[pattern]
         if needs.restricted_by is not None and getattr(self.contract, needs.restricted_by):
+            return False
+        if needs.capability is not None and not getattr(self.capabilities, needs.capability):
             return False
         return all(hasattr(self.allocator, method) for method in needs.methods)
 

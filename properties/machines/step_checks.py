@@ -31,6 +31,7 @@ class Observed:
     available: int
     in_free_group: bool
     probe_violations: list[Violation]
+    has_sentinel: bool = True
 
     def same_state(self, other: "Observed") -> bool:
         return (self.mapping, self.full_free, self.swa_free) == (other.mapping, other.full_free, other.swa_free)
@@ -40,7 +41,9 @@ def observe(allocator: Any, result: torch.Tensor | None) -> Observed:
     """One device-to-host copy of everything the checks read."""
     view = AllocatorView.of(allocator)
     probes = run_probes(view)
-    every_index = torch.arange(-1, view.mapping.numel() - 1, device=view.mapping.device)
+    # Without a sentinel (MappingLayout.PADDED) translating -1 is no call the allocator takes.
+    first = 0 if "SENTINEL" in view.inapplicable else -1
+    every_index = torch.arange(first, view.mapping.numel() - 1, device=view.mapping.device)
     translated = allocator.translate_loc_from_full_to_swa(every_index)
     parts = [view.mapping, view.full_free, view.swa_free, translated, probes.packed.flatten()]
     if result is not None:
@@ -58,6 +61,7 @@ def observe(allocator: Any, result: torch.Tensor | None) -> Observed:
         swa_available=view.swa_available,
         available=view.available,
         in_free_group=view.in_free_group,
+        has_sentinel="SENTINEL" not in view.inapplicable,
         probe_violations=ProbeResults.from_packed(probes.names, packed.reshape(probes.packed.shape)).read(),
     )
 
@@ -178,8 +182,9 @@ def _check_windows(observed: Observed, requests: Iterable[Request], window: int)
 
 
 def _check_translation(observed: Observed) -> list[Violation]:
-    expected = [-1] + observed.mapping[:-1]
-    wrong = [index - 1 for index, (got, want) in enumerate(zip(observed.translated, expected)) if got != want]
+    first = -1 if observed.has_sentinel else 0
+    expected = ([-1] if observed.has_sentinel else []) + observed.mapping[:-1]
+    wrong = [index + first for index, (got, want) in enumerate(zip(observed.translated, expected)) if got != want]
     if wrong:
         return [violation(Name.XLAT, wrong, "translate_loc_from_full_to_swa(x) != mapping[x]")]
     return []

@@ -46,7 +46,12 @@ def differential_target(first: Target, second: Target) -> Target:
         return DifferentialAllocator(first.factory(config), second.factory(config), (first.name, second.name))
 
     factory.__name__ = f"{first.name}-vs-{second.name}"
-    return Target(f"{first.name} vs {second.name}", factory, first.contract.stricter(second.contract))
+    return Target(
+        f"{first.name} vs {second.name}",
+        factory,
+        first.contract.stricter(second.contract),
+        first.capabilities.both(second.capabilities),
+    )
 
 
 class DifferentialAllocator:

@@ -76,11 +76,50 @@ class TargetContract:
 
 RESTRICTIONS = tuple(flag.name for flag in dataclasses.fields(TargetContract))
 
+
+@dataclass(frozen=True)
+class TargetCapabilities:
+    """What a target can be called with at all. Unlike a contract's restrictions (calls the
+    target could take but its engine never makes), a missing capability is a call the target
+    cannot take (a method it lacks, a constructor parameter it has not): the machines never
+    make it, and `--relax` cannot add it. Every flag is True for the whole SPEC."""
+
+    paged: bool = True
+    """Page sizes above 1 (alloc_extend, alloc_decode); else page size 1 only."""
+    need_sort: bool = True
+    """The need_sort constructor option; else need_sort=False only."""
+    alloc_extend_swa_tail: bool = True
+    free_full: bool = True
+    free_groups: bool = True
+    backup_restore: bool = True
+    available_size: bool = True
+    """available_size() answers; else it raises NotImplementedError and AVAIL does not apply."""
+    mapping_sentinel: bool = True
+    """The mapping has SPEC's layout (size + page_size + 1 entries, -1 last); else sglang
+    <= 0.5.7's (size + size_swa + 1 entries, no sentinel) and SENTINEL does not apply."""
+
+    def both(self, other: "TargetCapabilities") -> "TargetCapabilities":
+        """What both targets can be called with."""
+        return TargetCapabilities(
+            **{flag.name: getattr(self, flag.name) and getattr(other, flag.name) for flag in dataclasses.fields(self)}
+        )
+
+    def missing(self) -> list[str]:
+        """The names of the capabilities the target lacks."""
+        return [flag.name for flag in dataclasses.fields(self) if not getattr(self, flag.name)]
+
+    def inapplicable_invariants(self) -> list[str]:
+        """The SPEC §2 invariants that the target's interface leaves nothing to check of."""
+        return (["SENTINEL"] if not self.mapping_sentinel else []) + (["AVAIL"] if not self.available_size else [])
+
+
+FULL_CAPABILITIES = TargetCapabilities()
+
 SPEC_CONTRACT = TargetContract()
 
 SGLANG_CONTRACT = TargetContract(
-    # sglang 0.5.23 has no backup_state / restore_state.
-    no_backup_restore=True,
+    # (sglang 0.5.23 has no backup_state / restore_state either: a capability it lacks,
+    # sglang_capabilities, not a restriction.)
     # Its page-size-1 free_swa does not skip tokens whose peer is gone (it releases SWA slot 0);
     # its scheduler frees a finished request as free_full of the window-released part and
     # free of the rest (free_kv_row_segments), so free never meets a released peer.
@@ -102,6 +141,7 @@ class Target:
     name: str
     factory: Factory
     contract: TargetContract = SPEC_CONTRACT
+    capabilities: TargetCapabilities = FULL_CAPABILITIES
 
 
 def with_contract_changes(target: Target, relax: Iterable[str] = (), restrict: Iterable[str] = ()) -> Target:
@@ -119,7 +159,8 @@ def with_contract_changes(target: Target, relax: Iterable[str] = (), restrict: I
     if after == before:
         return target
     changes = [("+" if getattr(after, name) else "-") + name for name in RESTRICTIONS if getattr(after, name) != getattr(before, name)]
-    return Target(f"{target.name} [{' '.join(changes)}]", target.factory, after)
+    # Capabilities stay: a relaxed contract never asks for a call the target cannot take.
+    return Target(f"{target.name} [{' '.join(changes)}]", target.factory, after, target.capabilities)
 
 
 def build_allocator(
@@ -153,17 +194,38 @@ def sglang_factory(config: AllocatorConfig) -> Any:
 
 BUILTIN_TARGETS: dict[str, Target] = {
     "reference": Target("reference", reference_factory, SPEC_CONTRACT),
-    "sglang": Target("sglang", sglang_factory, SGLANG_CONTRACT),
 }
+
+
+def sglang_target() -> Target:
+    """The installed sglang release's allocator, with what it can be called with read from it
+    and its scheduler's contract (properties.sglang_releases). TargetError when no release is
+    importable or the adapter cannot build it."""
+    from allocator.sglang_adapter import (
+        SglangUnavailableError,
+        SglangUnsupportedError,
+        installed_sglang_version,
+        sglang_capabilities,
+    )
+    from properties.sglang_releases import sglang_contract
+
+    try:
+        capabilities = sglang_capabilities()
+        version = installed_sglang_version()
+    except (SglangUnavailableError, SglangUnsupportedError) as error:
+        raise TargetError(str(error)) from error
+    return Target("sglang", sglang_factory, sglang_contract(version, capabilities), capabilities)
 
 
 def resolve_target(spec: str) -> Target:
     """'reference', 'sglang', or 'package.module:factory'."""
+    if spec == "sglang":
+        return sglang_target()
     if spec in BUILTIN_TARGETS:
         return BUILTIN_TARGETS[spec]
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
-        raise TargetError(f"target {spec!r} is neither {sorted(BUILTIN_TARGETS)} nor 'module:factory'")
+        raise TargetError(f"target {spec!r} is neither {sorted([*BUILTIN_TARGETS, 'sglang'])} nor 'module:factory'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
@@ -175,8 +237,8 @@ def resolve_target(spec: str) -> Target:
 
 
 def as_target(target: "str | Factory | Target", name: str | None = None) -> Target:
-    """A Target from a spec, a bare factory (its `contract` attribute, else the whole SPEC),
-    or a Target."""
+    """A Target from a spec, a bare factory (its `contract` and `capabilities` attributes, else
+    the whole SPEC), or a Target."""
     if isinstance(target, Target):
         return target
     if isinstance(target, str):
@@ -184,4 +246,9 @@ def as_target(target: "str | Factory | Target", name: str | None = None) -> Targ
     contract = getattr(target, "contract", SPEC_CONTRACT)
     if not isinstance(contract, TargetContract):
         raise TargetError(f"the contract of factory {target!r} is a {type(contract).__name__}, not a TargetContract")
-    return Target(name or getattr(target, "__name__", repr(target)), target, contract)
+    capabilities = getattr(target, "capabilities", FULL_CAPABILITIES)
+    if not isinstance(capabilities, TargetCapabilities):
+        raise TargetError(
+            f"the capabilities of factory {target!r} are a {type(capabilities).__name__}, not TargetCapabilities"
+        )
+    return Target(name or getattr(target, "__name__", repr(target)), target, contract, capabilities)

@@ -199,7 +199,7 @@ BUILTIN_TARGETS: dict[str, Target] = {
 
 def sglang_target() -> Target:
     """The installed sglang release's allocator, with what it can be called with read from it
-    and its scheduler's contract (properties.sglang_releases). TargetError when no release is
+    and its scheduler's contract (properties.targets.sglang_releases). TargetError when no release is
     importable or the adapter cannot build it."""
     from allocator.sglang_adapter import (
         SglangUnavailableError,
@@ -207,7 +207,7 @@ def sglang_target() -> Target:
         installed_sglang_version,
         sglang_capabilities,
     )
-    from properties.sglang_releases import sglang_contract
+    from properties.targets.sglang_releases import sglang_contract
 
     try:
         capabilities = sglang_capabilities()

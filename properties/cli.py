@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from properties.campaign.database import CampaignDatabaseError, DatabaseSpec
 from properties.campaign.resume import replay_finding
 from properties.machines import MACHINES
 from properties.runners.check import print_progress, run_check
+from properties.runners.coverage import allocator_source_files, measured
 from properties.runners.differential import differential_target
 from properties.runners.selfcheck import MutantResult, run_selfcheck
 from properties.settings import prepare_process
@@ -73,8 +76,12 @@ def check_usage(args: argparse.Namespace) -> Target:
 def command_check(args: argparse.Namespace) -> int:
     target = check_usage(args)
     prepare_process()
-    report = run_check(target, args.device, args.budget, args.seed, progress=print_progress())
+    with measured(allocator_source_files(target)) if args.coverage else contextlib.nullcontext() as coverage:
+        report = run_check(target, args.device, args.budget, args.seed, progress=print_progress())
     sys.stderr.write("\n")
+    if coverage is not None:
+        report.coverage = asdict(coverage)
+        print(coverage.explain())
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report.to_json(), out, indent=2)
@@ -212,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--budget", type=parse_duration, default=60.0, help="seconds to spend (default 60)")
     check.add_argument("--seed", type=int, default=None, help="master seed, to repeat a check exactly")
     check.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    check.add_argument(
+        "--coverage",
+        action="store_true",
+        help="measure line and branch coverage of the target's own allocator source and list what never ran",
+    )
     check.set_defaults(handler=command_check)
 
     defaults = SimulationConfig()

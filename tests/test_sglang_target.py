@@ -60,3 +60,18 @@ def test_each_restriction_hides_a_deviation(
     report = run_check(target, swa_device.type, budget=120, seed=1, machines=machines, shrink=False)
     assert report.finding is not None, f"relaxing {restriction} found nothing"
     assert invariant in report.finding.invariants, report.finding.explain()
+
+
+def test_the_installed_release_is_found_and_its_capabilities_read() -> None:
+    from allocator.sglang_adapter import find_sglang_allocator_class, make_sglang_allocator, sglang_capabilities
+
+    capabilities = sglang_capabilities()
+    cls = find_sglang_allocator_class()
+    assert cls.__name__ == "SWATokenToKVPoolAllocator"
+    assert capabilities.free_full == hasattr(cls, "free_full")
+    allocator = make_sglang_allocator(8, 4, 1)
+    entries = allocator.full_to_swa_index_mapping.numel()
+    assert entries == (8 + 1 + 1 if capabilities.mapping_sentinel else 8 + 4 + 1)
+    target = resolve_target("sglang")
+    assert target.capabilities == capabilities
+    assert with_contract_changes(target, relax=["all"]).capabilities == capabilities

@@ -71,6 +71,8 @@ class CheckReport:
     steps: int = 0
     runs: int = 0
     finding: Finding | None = None
+    coverage: dict | None = None
+    """With --coverage: properties.runners.coverage.CoverageReport, as a dict."""
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -131,8 +131,9 @@ def sweep_release(version: str, envs: Path, budget: float, seed: int, out: Path)
 
 
 def _finding_cell(finding: dict) -> str:
+    detail = finding.get("detail", "").split("; ")[0].replace("|", "/")[:110]
     return (f"{finding['severity']} {finding['invariant']} ({finding.get('machine', '?')}, "
-            f"{finding.get('program_steps', '?')} steps, found in {finding.get('seconds', 0):.1f} s)")
+            f"{finding.get('program_steps', '?')} steps, found in {finding.get('seconds', 0):.1f} s): {detail}")
 
 
 def table(releases: list[Release], budget: float, seed: int) -> str:

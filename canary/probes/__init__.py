@@ -163,6 +163,26 @@ def _available(allocator: object) -> int | None:
         return None
 
 
+def free_units(pool: object) -> Tensor:
+    """A pool's free units, ready then staged, as the view reads them."""
+    return _free_units(pool)
+
+
+def sizes_and_group(allocator: object) -> tuple[int, int, int | None, bool]:
+    """What the view reads besides the mapping and the free lists: full_available_size(),
+    swa_available_size(), available_size() (None where it raises NotImplementedError), and
+    whether a free group is open."""
+    pools = (allocator.full_attn_allocator, allocator.swa_attn_allocator)
+    full_available = _as_int(allocator.full_available_size())
+    swa_available = _as_int(allocator.swa_available_size())
+    return full_available, swa_available, _available(allocator), _in_free_group(allocator, pools)
+
+
+def has_sentinel(allocator: object) -> bool:
+    """Whether the allocator's mapping ends in the -1 sentinel (MappingLayout.SENTINEL)."""
+    return getattr(allocator, "mapping_layout", MappingLayout.SENTINEL) == MappingLayout.SENTINEL
+
+
 def _free_units(pool: object) -> Tensor:
     get_all_free_pages = getattr(pool, "get_all_free_pages", None)
     if callable(get_all_free_pages):

@@ -165,7 +165,7 @@ class Plan:
     in_free_group: bool
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=512)  # the state machines draw hundreds of small pool shapes
 def plan(
     page_size: int, size_full: int, size_swa: int, names: tuple[Name, ...], max_indices: int, in_free_group: bool
 ) -> Plan:

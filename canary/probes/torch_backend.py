@@ -209,7 +209,7 @@ class _Layout:
         self.minus_units = _on(device, torch.tensor([-full_units, -swa_units]))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=512)  # the state machines draw hundreds of small pool shapes
 def _layout(plan: Plan, device: torch.device) -> _Layout:
     return _Layout(plan, device)
 

@@ -32,7 +32,8 @@ from hypothesis.stateful import (
 from canary.invariants import InvariantViolation
 from properties.machines.driver import AllocatorDriver
 from properties.machines.model import Request, SWAModel
-from properties.machines.step_checks import Expectation, Observed, check_step, observe
+from properties.machines.incremental import StepCheck
+from properties.machines.step_checks import Expectation
 from properties.targets import (
     FULL_CAPABILITIES,
     SPEC_CONTRACT,
@@ -109,7 +110,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.saved: dict[int, tuple[SWAModel, dict]] = {}
         self.result = None
         self.expectation = Expectation("__init__")
-        self.previous: Observed | None = None
+        self.step_check = StepCheck(self.allocator, self.driver)
+        self.failed = False
 
     def allows(self, pattern: str) -> bool:
         """Whether a rule may make calls of `pattern` (a CALL_PATTERNS key) on this target."""
@@ -125,10 +127,9 @@ class AllocatorMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------ the step
     def allocate(self, method: str, args: tuple, expected: list[int] | None, live_before: set[int]) -> list[int] | None:
         """Make one allocation call whose model outcome is `expected` (None: must fail)."""
-        if self.expectation.call != "(no call)":
-            # A release earlier in this rule changed the state: a failed allocation must
-            # leave it as it was right before the allocation.
-            self.previous = observe(self.allocator, None)
+        if expected is None:
+            # A failed allocation must leave the state as it was right before it.
+            self.step_check.expect_failed_allocation()
         self.result = self.driver.call(method, *args)
         self.expectation = Expectation(method, expected, True, live_before)
         if expected is None:
@@ -173,14 +174,25 @@ class AllocatorMachine(RuleBasedStateMachine):
     def allocator_matches_model(self) -> None:
         if self.allocator is None:
             return
-        observed = observe(self.allocator, self.result)
-        violations = check_step(
-            observed, self.previous, self.model, self.expectation, self.live_tokens(), self.live_requests(), self.window
+        self.failed = True  # until the step passes: a check that raises ends the program too
+        violations = self.step_check.after_step(
+            self.model, self.result, self.expectation, self.live_tokens, self.live_requests, self.window
         )
         if self.stats is not None:
             self.stats.steps += 1
             self.stats.calls[self.expectation.call] += 1
-        self.previous, self.result, self.expectation = observed, None, Expectation("(no call)")
+        self.result, self.expectation = None, Expectation("(no call)")
+        if violations:
+            raise InvariantViolation(violations)
+        self.failed = False
+
+    def teardown(self) -> None:
+        """The whole final state against the model, and the model-free probes on it
+        (properties/machines/incremental.py); skipped after a step failed or a rule raised
+        (calls the last check did not see)."""
+        if self.allocator is None or self.failed or self.step_check.logged != len(self.driver.log):
+            return
+        violations = self.step_check.at_end(self.model, self.live_tokens, self.live_requests, self.window)
         if violations:
             raise InvariantViolation(violations)
 
@@ -233,7 +245,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             return
         model, handles = self.saved[backup]
         self.driver.call("restore_state", backup)
-        self.model, self.handles = copy.deepcopy(model), copy.deepcopy(handles)
+        self.model, self.handles = model.snapshot(), copy.deepcopy(handles)
         self.expectation = Expectation("restore_state")
 
     @precondition(lambda self: self.allocator is not None)

@@ -10,7 +10,7 @@ the registry: first the model-free probes, then the model-based invariants, and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 
@@ -33,8 +33,17 @@ class Observed:
     probe_violations: list[Violation]
     has_sentinel: bool = True
 
-    def same_state(self, other: "Observed") -> bool:
-        return (self.mapping, self.full_free, self.swa_free) == (other.mapping, other.full_free, other.swa_free)
+    @property
+    def state(self) -> "State":
+        return State(self.mapping, self.full_free, self.swa_free)
+
+
+class State(NamedTuple):
+    """The mapping and both free lists (ready, then staged) as read back."""
+
+    mapping: list[int]
+    full_free: list[int]
+    swa_free: list[int]
 
 
 def observe(allocator: Any, result: torch.Tensor | None) -> Observed:
@@ -85,7 +94,7 @@ def violation(name: Name, indices: Iterable[int], detail: str) -> Violation:
 
 def check_step(
     observed: Observed,
-    previous: Observed | None,
+    previous: State | None,
     model: SWAModel,
     expectation: Expectation,
     live_tokens: set[int],
@@ -106,13 +115,13 @@ def check_step(
 
 
 def _check_result(
-    observed: Observed, previous: Observed | None, expectation: Expectation, page_size: int
+    observed: Observed, previous: State | None, expectation: Expectation, page_size: int
 ) -> list[Violation]:
     found = []
     if not expectation.is_allocation:
         return found
     if observed.result is None:
-        if previous is not None and not observed.same_state(previous):
+        if previous is not None and observed.state != previous:
             found.append(violation(Name.ATOMIC, [], f"{expectation.call} returned None but changed the allocator"))
         return found
     result = observed.result

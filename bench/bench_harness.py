@@ -83,7 +83,7 @@ def empty_machine(machine: type[RuleBasedStateMachine], clock: Clock) -> type[Ru
     """A machine with `machine`'s rules (same strategies, bundles and targets, no
     preconditions) and one invariant, all doing nothing: Hypothesis's own cost per step."""
     state = machine.setup_state()
-    namespace: dict = {}
+    namespace: dict = {"page_size": getattr(machine, "page_size", 1)}  # strategies read it from the runner
     counter = iter(range(10**12))
 
     def body(targets: tuple[str, ...]):

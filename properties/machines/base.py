@@ -31,8 +31,8 @@ from hypothesis.stateful import (
 
 from canary.invariants import InvariantViolation
 from properties.machines.driver import AllocatorDriver
-from properties.machines.model import Request, SWAModel
 from properties.machines.incremental import StepCheck
+from properties.machines.model import Request, SWAModel
 from properties.machines.step_checks import Expectation
 from properties.targets import (
     FULL_CAPABILITIES,

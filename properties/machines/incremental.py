@@ -32,7 +32,13 @@ import torch
 from torch import Tensor
 
 from canary.invariants import Violation
-from canary.probes import AllocatorView, free_units, in_free_group, run_probes
+from canary.probes import (
+    AllocatorView,
+    free_units,
+    has_sentinel,
+    run_probes,
+    sizes_and_group,
+)
 from properties.machines.driver import AllocatorDriver
 from properties.machines.model import PoolModel, Request, SWAModel
 from properties.machines.step_checks import Expectation, State, check_step, observe
@@ -92,9 +98,10 @@ def fresh_state(model_config: tuple[int, int, int], device: torch.device) -> Dev
 
 
 @functools.lru_cache(maxsize=64)
-def every_index(entries: int, device: torch.device) -> Tensor:
-    """-1 and every full slot: what translating the whole mapping reads."""
-    return torch.arange(-1, entries - 1, dtype=torch.int64, device=device)
+def every_index(first: int, entries: int, device: torch.device) -> Tensor:
+    """`first` (-1 where the mapping has a sentinel, else 0) and every full slot after it:
+    what translating the whole mapping reads."""
+    return torch.arange(first, entries - 1, dtype=torch.int64, device=device)
 
 
 @dataclass
@@ -164,12 +171,12 @@ class StepCheck:
         return self._touched_agree(model, self._touched_tokens(model, entries, result), result, expectation)
 
     def _sizes_agree(self, model: SWAModel) -> bool:
-        allocator = self.allocator
+        full_available, swa_available, available, in_group = sizes_and_group(self.allocator)
         return (
-            allocator.full_available_size() == model.full.available()
-            and allocator.swa_available_size() == model.swa.available()
-            and allocator.available_size() == model.available()
-            and in_free_group(allocator) == model.in_group
+            full_available == model.full.available()
+            and swa_available == model.swa.available()
+            and available in (None, model.available())  # None: the target has no available_size()
+            and in_group == model.in_group
         )
 
     def _whole_state_target(self, model: SWAModel, entries: list[dict]) -> DeviceState | None:
@@ -203,9 +210,10 @@ class StepCheck:
         """Mapping and translation at the touched slots and at the sentinel, the result, and
         each free list's ends as far as the step changed them, read back in one copy."""
         allocator = self.allocator
-        mapping = allocator.full_to_swa_index_mapping
-        indices = torch.tensor([-1, *tokens], dtype=torch.int64, device=mapping.device)
-        at_touched = [-1, *(model.mapping.get(token, 0) for token in tokens)]
+        mapping = allocator.full_to_swa_index_mapping  # token t's entry is at t in every layout
+        sentinel = [-1] if has_sentinel(allocator) else []
+        indices = torch.tensor([*sentinel, *tokens], dtype=torch.int64, device=mapping.device)
+        at_touched = [*sentinel, *(model.mapping.get(token, 0) for token in tokens)]
         parts = [mapping[indices], allocator.translate_loc_from_full_to_swa(indices)]
         wanted = [at_touched, at_touched]
         staged_parts = []
@@ -252,9 +260,13 @@ class StepCheck:
             slots = torch.tensor(list(model.mapping), dtype=torch.int64, device=device)
             expected[slots] = torch.tensor(list(model.mapping.values()), dtype=torch.int64, device=device)
         expected[-1] = -1
+        if has_sentinel(self.allocator):
+            translated, translation = every_index(-1, model.mapping_len, device), expected.roll(1)
+        else:  # the view put a -1 after the token entries; translating -1 is no call to make
+            translated, translation = every_index(0, model.mapping_len, device), expected[:-1]
         return (
             torch.equal(view.mapping, expected)
-            and torch.equal(self.allocator.translate_loc_from_full_to_swa(every_index(model.mapping_len, device)), expected.roll(1))
+            and torch.equal(self.allocator.translate_loc_from_full_to_swa(translated), translation)
             and _free_set_agrees(view.full_free, model.full)
             and _free_set_agrees(view.swa_free, model.swa)
         )

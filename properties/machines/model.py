@@ -110,7 +110,7 @@ class PoolModel:
         if pending:
             self.give_back(unique_in_order(pending))
 
-    def copy(self) -> "PoolModel":
+    def copy(self) -> PoolModel:
         twin = copy.copy(self)
         twin.free, twin.staged, twin.allocated = list(self.free), list(self.staged), set(self.allocated)
         twin.pending = None if self.pending is None else list(self.pending)
@@ -153,7 +153,7 @@ class SWAModel:
     def available(self) -> int:
         return min(self.full.available(), self.swa.available())
 
-    def snapshot(self) -> "SWAModel":
+    def snapshot(self) -> SWAModel:
         """An independent copy (the state holds only ints: copying each container is enough,
         and costs a fraction of a deepcopy on large pools)."""
         twin = copy.copy(self)

@@ -160,7 +160,7 @@ def _resolve_kernels(impl: str, device: torch.device, mapping_len: int):
     if impl == "torch" or (impl == "auto" and device.type != "cuda"):
         return None
     try:
-        from canary import _divergence_triton
+        from canary.divergence import triton_backend as _divergence_triton
     except ImportError as exc:
         if impl == "auto":
             return None

@@ -24,6 +24,7 @@ import torch
 from allocator.errors import DoubleFreeError, FreeGroupError, InvalidStateError
 from allocator.validation import (
     canonical_device,
+    check_dtype,
     check_pool_config,
     check_range,
     check_vector,
@@ -67,7 +68,7 @@ class FreeListAllocator:
         self.size = size
         self.page_size = page_size
         self.num_pages = size // page_size
-        self.dtype = dtype
+        self.dtype = check_dtype(dtype)
         self.device = canonical_device(device)
         self.kvcache = kvcache
         self.need_sort = need_sort

@@ -132,7 +132,9 @@ class PagedTokenToKVPoolAllocator(FreeListAllocator):
     def reserve_decode(self, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor, last_loc: torch.Tensor) -> Reservation:
         check_vector("seq_lens", seq_lens, self.device)
         check_vector("seq_lens_cpu", seq_lens_cpu, torch.device("cpu"))
-        batch = self._check_lengths(seq_lens - 1, seq_lens_cpu - 1, seq_lens, seq_lens_cpu, last_loc, min_extend=1)
+        if seq_lens_cpu.numel() and int(seq_lens_cpu.min()) < 1:
+            raise InvalidIndexError("every seq_len of a decode must be >= 1 (the length after the step)")
+        batch = self._check_lengths(seq_lens - 1, seq_lens_cpu - 1, seq_lens, seq_lens_cpu, last_loc)
         self.check_continuation(seq_lens - 1, last_loc)
         pages = int(((seq_lens_cpu - 1) % self.page_size == 0).sum())
         page_size = self.page_size
@@ -150,7 +152,6 @@ class PagedTokenToKVPoolAllocator(FreeListAllocator):
         seq_lens: torch.Tensor,
         seq_lens_cpu: torch.Tensor,
         last_loc: torch.Tensor,
-        min_extend: int = 0,
     ) -> int:
         batch = check_vector("seq_lens", seq_lens, self.device).numel()
         check_vector("prefix_lens", prefix_lens, self.device, batch)
@@ -162,8 +163,8 @@ class PagedTokenToKVPoolAllocator(FreeListAllocator):
             return 0
         if int(prefix_lens_cpu.min()) < 0:
             raise InvalidIndexError("prefix_lens must be >= 0")
-        if bool((seq_lens_cpu - prefix_lens_cpu < min_extend).any()):
-            raise InvalidIndexError(f"every seq_len must exceed its prefix_len by at least {min_extend}")
+        if bool((seq_lens_cpu < prefix_lens_cpu).any()):
+            raise InvalidIndexError("every seq_len must be >= its prefix_len")
         if not (torch.equal(prefix_lens.cpu(), prefix_lens_cpu) and torch.equal(seq_lens.cpu(), seq_lens_cpu)):
             raise InvalidIndexError("the device and CPU copies of prefix_lens / seq_lens differ")
         return batch

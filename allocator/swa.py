@@ -31,6 +31,7 @@ from allocator.token import TokenToKVPoolAllocator
 from allocator.validation import (
     canonical_device,
     check_count,
+    check_dtype,
     check_pool_config,
     check_range,
     check_vector,
@@ -74,7 +75,7 @@ class SWATokenToKVPoolAllocator:
         self.size = self.size_full = size
         self.size_swa = size_swa
         self.page_size = page_size
-        self.dtype = dtype
+        self.dtype = check_dtype(dtype)
         self.device = canonical_device(device)
         self.need_sort = need_sort
         self.checked = checked

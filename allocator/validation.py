@@ -8,11 +8,34 @@ from allocator.errors import InvalidConfigError, InvalidIndexError
 
 
 def canonical_device(device: torch.device | str) -> torch.device:
-    """The device with its index filled in, so that tensors' devices compare equal to it."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+    """The device with its index filled in, so that tensors' devices compare equal to it.
+    InvalidConfigError for a device torch does not know or cannot use here (cuda without a
+    GPU, an index past the last GPU)."""
+    if not isinstance(device, (torch.device, str)):
+        raise InvalidConfigError(f"device must be a torch.device or a str, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise InvalidConfigError(f"device {device!r} is not a torch device: {error}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InvalidConfigError("device cuda, but torch sees no CUDA device")
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if device.index >= count:
+            raise InvalidConfigError(f"device {device}, but torch sees {count} CUDA device(s)")
+        return device
+    if device.type not in ("cpu", "meta"):
+        raise InvalidConfigError(f"device {device} is not supported (cpu or cuda)")
     return device
+
+
+def check_dtype(dtype: object) -> torch.dtype:
+    """The KV dtype: a torch.dtype (the allocator keeps it for the KV cache it serves)."""
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidConfigError(f"dtype must be a torch.dtype, got {dtype!r}")
+    return dtype
 
 
 def check_pool_config(size: int, page_size: int, name: str = "size") -> None:

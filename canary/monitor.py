@@ -20,7 +20,9 @@ with `snapshot_dir`, with a snapshot of the checked state (`canary.snapshot`: ke
 costs device copies of the mapping, the free lists and the batch's rows at each check;
 writing it, a synchronisation, happens only when a new violation is found). Modes: "off" does nothing, "warn" reports, "strict" also raises
 InvariantViolation from `step` or `flush` when a FATAL violation is reported. In warn mode an
-internal error never reaches the caller: the monitor logs one line and turns itself off.
+internal error never reaches the caller, `attach` included (an allocator the canary cannot
+read): the monitor logs one line and turns itself off. Options it cannot work with raise
+CanaryConfigError in every mode.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor
 
 from canary.invariants import InvariantViolation, Severity
-from canary.probes import AllocatorView, run_probes
+from canary.probes import AllocatorView, run_probes, select_probes
 from canary.report import CanaryRecord, Reporter
 from canary.snapshot import Snapshot
 from canary.sweep import (
@@ -108,6 +110,8 @@ class CanaryMonitor:
         name: str | None,
     ) -> None:
         _check_config(every, mode, window, page_size, ring_size, max_indices)
+        if probes is not None:
+            select_probes(probes)  # an unknown name is an option error, in every mode
         self.allocator = allocator
         self.every = every
         self.mode = mode
@@ -121,8 +125,12 @@ class CanaryMonitor:
         self._reporter = Reporter(self.name, logger, ring_size, metrics if self._active else None)
         self._slots: list[_Slot] = []
         self._graph_slot: _Slot | None = None
-        if not self._active:
-            return
+        if self._active:
+            self._guarded(lambda: self._prepare(allocator, page_size, probes, max_indices))
+
+    def _prepare(self, allocator: object, page_size: int | None, probes: Iterable[str] | None, max_indices: int) -> None:
+        """Read the allocator once and set up the read-back slots (in warn mode, an allocator
+        it cannot read turns the monitor off with one log line, as any later error does)."""
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         view = AllocatorView.of(allocator)

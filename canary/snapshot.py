@@ -5,12 +5,16 @@ page size, the free-group flag, the detector's window and page size, and the bat
 req_to_token rows of its requests, not the whole table). `Snapshot.capture` copies these on
 the device without a host synchronisation, so a monitor can keep the exact state it checked
 until the check is read back; `save` moves them to the host (a synchronisation, paid only when
-a violation is found) and writes them with torch.save; `load` reads them on the CPU with
-weights_only=True; `replay` runs the same check again.
+a violation is found) and writes them with torch.save, wrapped with a SHA-256 digest of the
+saved bytes, so that a damaged or edited file is rejected instead of replayed as violations;
+`load` checks the digest and reads them on the CPU with weights_only=True; `replay` runs the
+same check again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,7 +27,9 @@ from canary.probes import AllocatorView, ProbeInputError
 from canary.sweep import Batch, SweepResult, sweep
 
 SNAPSHOT_FORMAT = "swa-canary-snapshot"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+"""2: the state inside a digest-checked wrapper (version 1 had no digest)."""
+_WRAPPER_KEYS = {"format", "version", "sha256", "snapshot"}
 
 _VIEW_TENSORS = ("mapping", "full_free", "swa_free")
 _VIEW_INTS = ("page_size", "size_full", "size_swa", "full_available", "swa_available", "available")
@@ -81,19 +87,29 @@ class Snapshot:
         if self.batch is not None:
             body["batch"] = {key: _to_host(value) for key, value in asdict(self.batch).items()}
             body["batch"]["table_rows"] = self.table_rows
-        torch.save(body, path)
+        saved = io.BytesIO()
+        torch.save(body, saved)
+        payload = saved.getvalue()
+        wrapper = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
+                   "sha256": hashlib.sha256(payload).hexdigest(), "snapshot": payload}
+        torch.save(wrapper, path)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Snapshot":
-        """Read a snapshot on the CPU; SnapshotError names what is wrong with a bad file."""
-        try:
-            body = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise SnapshotError(f"no snapshot file {os.fspath(path)!r}") from None
-        except Exception as error:  # torch.load raises many kinds on a file it cannot unpickle
-            raise SnapshotError(f"{os.fspath(path)!r} is not a canary snapshot: {type(error).__name__}: {error}") from None
-        return cls._from_body(body, os.fspath(path))
+        """Read a snapshot on the CPU; SnapshotError names what is wrong with a bad file (one
+        that is no snapshot, of another version, or whose digest does not match its bytes)."""
+        where = os.fspath(path)
+        if not os.path.isfile(where):
+            raise SnapshotError(f"no snapshot file {where!r}")
+        wrapper = _mapping_with(_torch_load(path, where), _WRAPPER_KEYS, where)
+        if wrapper["format"] != SNAPSHOT_FORMAT or wrapper["version"] != SNAPSHOT_VERSION:
+            raise SnapshotError(f"{where}: format {wrapper['format']!r} version {wrapper['version']!r}, "
+                                f"expected {SNAPSHOT_FORMAT!r} version {SNAPSHOT_VERSION}")
+        payload = wrapper["snapshot"]
+        if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
+            raise SnapshotError(f"{where}: the digest does not match the saved state (the file was damaged or edited)")
+        return cls._from_body(_torch_load(io.BytesIO(payload), where), where)
 
     @classmethod
     def _from_body(cls, body: object, where: str) -> "Snapshot":
@@ -146,6 +162,15 @@ def replay(snapshot: Snapshot, *, probes: Iterable[str] | None = None, max_indic
     rows = snapshot.batch.req_pool_indices.tolist()
     renamed = [replace(v, indices=[rows[position] for position in v.indices]) for v in result.divergence_violations]
     return replace(result, divergence_violations=renamed)
+
+
+def _torch_load(source: str | os.PathLike | io.BytesIO, where: str) -> object:
+    """torch.load with weights_only=True; SnapshotError with the error's kind only (torch's
+    message on a foreign file advises weights_only=False, which a snapshot never needs)."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many kinds on a file it cannot unpickle
+        raise SnapshotError(f"{where!r} is not a canary snapshot (torch.load: {type(error).__name__})") from None
 
 
 def _valid_rows(req_pool_indices: Tensor, table_rows: int) -> Tensor:

@@ -1,4 +1,9 @@
-"""The `swa-canary` command line."""
+"""The `swa-canary` command line.
+
+Every option, output path and target is checked before a run starts; what cannot work is one
+line on stderr and exit status 2. The commands import torch and the machines only once they
+run, so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -10,49 +15,60 @@ import random
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, NoReturn
 
-import torch
-
-from canary.divergence import DivergenceInputError
-from canary.probes import ProbeInputError
-from canary.simulate import (
-    INJECTIONS,
-    SimulationConfig,
-    SimulationConfigError,
-    simulate,
+from properties.usage import (
+    LazyChoices,
+    UsageError,
+    check_output_directory,
+    check_output_file,
+    parse_duration,
+    positive_int,
+    seed,
+    write_json,
 )
-from canary.snapshot import Snapshot, SnapshotError, replay
-from canary.sweep import SweepInputError
-from properties.campaign import CampaignConfig, CampaignConfigError, run_campaign
-from properties.campaign.database import CampaignDatabaseError, DatabaseSpec
-from properties.campaign.resume import replay_finding
-from properties.machines import MACHINES
-from properties.runners.check import print_progress, run_check
-from properties.runners.coverage import allocator_source_files, measured
-from properties.runners.differential import differential_target
-from properties.runners.selfcheck import MutantResult, run_selfcheck
-from properties.settings import prepare_process
-from properties.targets import (
-    RESTRICTIONS,
-    Target,
-    TargetError,
-    resolve_target,
-    with_contract_changes,
-)
-from properties.targets.mutants import MUTANTS
 
-EXIT_CLEAN, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+EXIT_CLEAN, EXIT_FOUND, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EXIT_STATUS_HELP = """exit status:
+  0    the run finished and found nothing (replay: the finding or snapshot passes now)
+  1    the target broke an invariant, or raised during a program (replay: it still fails)
+  2    bad usage or configuration: an option out of range, a target that cannot be imported
+       or built, an unwritable output path, a malformed finding or snapshot
+  130  interrupted (Ctrl-C) before the run finished, having found nothing"""
+
+RESTRICTION_NAMES = LazyChoices("properties.targets:RESTRICTIONS")
+MACHINE_NAMES = LazyChoices("properties.machines:MACHINES")
+MUTANT_NAMES = LazyChoices("properties.targets.mutants:MUTANTS")
+INJECTION_NAMES = LazyChoices("canary.simulate:INJECTIONS")
 
 
-def parse_duration(text: str) -> float:
-    """Seconds from '90', '90s', '15m' or '8h'."""
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 90, 90s, 15m, 8h)") from None
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one line (exit status 2) and the exit codes in --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EXIT_STATUS_HELP)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def usage_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean "this cannot run as asked" (exit 2), from the modules that raise
+    them (imported here, once a command runs)."""
+    from canary.divergence import DivergenceInputError
+    from canary.probes import ProbeInputError
+    from canary.simulate import SimulationConfigError
+    from canary.snapshot import SnapshotError
+    from canary.sweep import SweepInputError
+    from properties.campaign import CampaignConfigError
+    from properties.campaign.database import CampaignDatabaseError
+    from properties.targets import TargetError
+
+    return (UsageError, TargetError, CampaignConfigError, CampaignDatabaseError, SimulationConfigError,
+            SnapshotError, ProbeInputError, DivergenceInputError, SweepInputError)
 
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -60,118 +76,136 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
 
 
-def check_usage(args: argparse.Namespace) -> Target:
+def check_usage(args: argparse.Namespace) -> Any:
     """The target to check: --target, or with --against both, call by call, under the contract
     --relax / --restrict make of theirs. Raises TargetError for a target or device that cannot
-    work, before any run starts."""
-    target = resolve_target(args.target)
-    if args.against is not None:
-        target = differential_target(target, resolve_target(args.against))
-    target = with_contract_changes(target, getattr(args, "relax", ()), getattr(args, "restrict", ()))
+    work (one that cannot be imported, whose factory raises, or builds no SWA allocator),
+    before any run starts."""
+    import torch
+
+    from properties.runners.differential import differential_target
+    from properties.targets import TargetError, check_target_builds, resolve_target, with_contract_changes
+
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TargetError("--device cuda, but torch sees no CUDA device")
-    return target
+    target = resolve_target(args.target)
+    check_target_builds(target, args.device)
+    if args.against is not None:
+        other = resolve_target(args.against)
+        check_target_builds(other, args.device)
+        target = differential_target(target, other)
+    return with_contract_changes(target, getattr(args, "relax", ()), getattr(args, "restrict", ()))
 
 
 def command_check(args: argparse.Namespace) -> int:
+    from properties.runners.check import print_progress, run_check, status_record
+    from properties.runners.coverage import allocator_source_files, measured
+    from properties.settings import prepare_process
+
+    json_path = None if args.json is None else check_output_file(args.json, "--json")
     target = check_usage(args)
+    on_terminal = sys.stderr.isatty()
     prepare_process()
     with measured(allocator_source_files(target)) if args.coverage else contextlib.nullcontext() as coverage:
-        report = run_check(target, args.device, args.budget, args.seed, progress=print_progress())
-    sys.stderr.write("\n")
+        report = run_check(target, args.device, args.budget, args.seed, progress=print_progress(interval=args.interval))
+    if on_terminal:
+        sys.stderr.write("\n")
+    else:
+        sys.stderr.write(f"{json.dumps(status_record(report, 'summary'))}\n")
     if coverage is not None:
         report.coverage = asdict(coverage)
         print(coverage.explain())
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report.to_json(), out, indent=2)
+    if json_path is not None:
+        write_json(json_path, report.to_json())
+    stopped = f"interrupted after {report.seconds:.1f}s" if report.interrupted else f"in {report.seconds:.1f}s"
     if report.finding is not None:
         print(report.finding.explain())
         return EXIT_FOUND
     print(
-        f"no violation: {report.programs} programs, {report.steps} steps against {report.target} "
-        f"on {report.device} in {report.seconds:.1f}s (seed {report.seed})"
+        f"{'interrupted, ' if report.interrupted else ''}no violation: {report.programs} programs, "
+        f"{report.steps} steps against {report.target} on {report.device} {stopped} (seed {report.seed})"
     )
-    return EXIT_CLEAN
+    return EXIT_INTERRUPTED if report.interrupted else EXIT_CLEAN
 
 
 def command_simulate(args: argparse.Namespace) -> int:
+    from canary.simulate import SimulationConfig, simulate
+
+    given = {name: getattr(args, name) for name in ("steps", "page_size", "size", "size_swa", "window", "every")}
     config = SimulationConfig(
-        steps=args.steps,
-        page_size=args.page_size,
-        size=args.size,
-        size_swa=args.size_swa,
-        window=args.window,
+        **{name: value for name, value in given.items() if value is not None},
         device=args.device,
-        every=args.every,
         inject=args.inject,
         seed=random.randrange(2**32) if args.seed is None else args.seed,
     )
-    try:
-        report = simulate(config)
-    except SimulationConfigError as error:
-        print(f"swa-canary: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    report = simulate(config)
     print("\n".join(report.summary()))
     return EXIT_CLEAN if report.passed else EXIT_FOUND
 
 
 def command_fuzz(args: argparse.Namespace) -> int:
+    from properties.campaign import CampaignConfig, run_campaign
+    from properties.campaign.database import DatabaseSpec
+
+    out = check_output_directory(args.out, "--out")
+    database = DatabaseSpec.parse(args.db, out)
+    if database.redis_url is None:
+        check_output_directory(database.local, "--db")
     check_usage(args)
-    out = Path(args.out)
-    try:
-        config = CampaignConfig(
-            target=args.target,
-            device=args.device,
-            duration=args.duration,
-            workers=args.workers,
-            out=out,
-            database=DatabaseSpec.parse(args.db, out),
-            seed=args.seed,
-            machines=tuple(args.machine or sorted(MACHINES)),
-            examples_per_run=args.examples_per_run,
-            status_seconds=args.interval,
-        )
-        summary = run_campaign(config)
-    except (CampaignConfigError, CampaignDatabaseError) as error:
-        print(f"swa-canary: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    given = {"examples_per_run": args.examples_per_run, "status_seconds": args.interval}
+    config = CampaignConfig(
+        target=args.target,
+        device=args.device,
+        duration=args.duration,
+        workers=args.workers,
+        out=out,
+        database=database,
+        seed=args.seed,
+        machines=tuple(args.machine or MACHINE_NAMES),
+        **{name: value for name, value in given.items() if value is not None},
+    )
+    summary = run_campaign(config)
     return EXIT_FOUND if summary["new_findings"] or summary["still_failing"] else EXIT_CLEAN
 
 
 def command_selfcheck(args: argparse.Namespace) -> int:
+    from properties.runners.selfcheck import MutantResult, run_selfcheck
+    from properties.settings import prepare_process
+
+    json_path = None if args.json is None else check_output_file(args.json, "--json")
     check_usage(args)
-    names = args.mutant or list(MUTANTS)
-    seed = random.randrange(2**32) if args.seed is None else args.seed
+    names = args.mutant or list(MUTANT_NAMES)
+    master = random.randrange(2**32) if args.seed is None else args.seed
 
     def show(result: MutantResult) -> None:
         verdict = f"caught by {result.invariant}" if result.caught else "ESCAPED"
         sys.stderr.write(f"[{names.index(result.name) + 1}/{len(names)}] {result.name}: {verdict}\n")
 
     prepare_process()
-    report = run_selfcheck(args.budget, args.device, seed, names, progress=show)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report.to_json(), out, indent=2)
+    report = run_selfcheck(args.budget, args.device, master, names, progress=show)
+    if json_path is not None:
+        write_json(json_path, report.to_json())
     print(report.explain())
     return EXIT_CLEAN if report.passed else EXIT_FOUND
 
 
 def command_replay(args: argparse.Namespace) -> int:
     path = Path(args.path)
+    if not path.exists():
+        raise UsageError(f"replay {args.path}: no such file or directory")
     if path.is_dir():
+        from properties.campaign.resume import replay_finding
+
         return replay_finding(path)
     return replay_snapshot(path)
 
 
 def replay_snapshot(path: Path) -> int:
     """Re-run the canary's check on a snapshot; exit 1 if it finds a violation."""
-    try:
-        snapshot = Snapshot.load(path)
-        result = replay(snapshot)
-    except (SnapshotError, ProbeInputError, DivergenceInputError, SweepInputError) as error:
-        print(f"swa-canary: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    from canary.snapshot import Snapshot, replay
+
+    snapshot = Snapshot.load(path)
+    result = replay(snapshot)
     view = snapshot.view
     print(
         f"snapshot of monitor {snapshot.monitor!r} at step {snapshot.step}: size {view.size_full} / SWA {view.size_swa}, "
@@ -187,9 +221,7 @@ def replay_snapshot(path: Path) -> int:
     return EXIT_FOUND
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swa-canary", description=__doc__)
-    commands = parser.add_subparsers(dest="command")
+def add_check_parser(commands: Any) -> None:
     check = commands.add_parser("check", help="run every state machine against a target for a time budget")
     add_target_options(check)
     check.add_argument(
@@ -203,22 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--relax",
         action="append",
         default=[],
-        choices=(*RESTRICTIONS, "all"),
+        choices=LazyChoices("properties.targets:RESTRICTIONS", extra=("all",)),
         metavar="RESTRICTION",
         help="drop one restriction of the target's contract, to look for what it hides; 'all' drives "
-        f"the whole SPEC (repeatable; one of: {', '.join(RESTRICTIONS)})",
+        "the whole SPEC (repeatable; one of: %(choices)s)",
     )
     check.add_argument(
         "--restrict",
         action="append",
         default=[],
-        choices=RESTRICTIONS,
+        choices=RESTRICTION_NAMES,
         metavar="RESTRICTION",
         help="add a restriction to the target's contract, to mask a known finding and look for the next (repeatable)",
     )
-    check.add_argument("--budget", type=parse_duration, default=60.0, help="seconds to spend (default 60)")
-    check.add_argument("--seed", type=int, default=None, help="master seed, to repeat a check exactly")
-    check.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    check.add_argument("--budget", type=parse_duration, default=60.0, help="time to spend: 90, 90s, 15m, 8h (default 60s)")
+    check.add_argument("--seed", type=seed, default=None, help="master seed, to repeat a check exactly")
+    check.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON to this path")
+    check.add_argument("--interval", type=parse_duration, default=10.0,
+                       help="seconds between JSON status lines on stderr when not on a terminal (default 10)")
     check.add_argument(
         "--coverage",
         action="store_true",
@@ -226,48 +260,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=command_check)
 
-    defaults = SimulationConfig()
+
+def add_simulate_parser(commands: Any) -> None:
     sim = commands.add_parser("simulate", help="a serving-like scheduler loop with the runtime canary attached")
-    sim.add_argument("--steps", type=int, default=1000, help="scheduler steps (default 1000)")
-    sim.add_argument("--page-size", type=int, default=defaults.page_size)
-    sim.add_argument("--size", type=int, default=defaults.size, help="full-attention token slots")
-    sim.add_argument("--size-swa", type=int, default=defaults.size_swa, help="sliding-window token slots")
-    sim.add_argument("--window", type=int, default=defaults.window, help="sliding window in tokens")
+    sim.add_argument("--steps", type=positive_int, default=None, help="scheduler steps")
+    sim.add_argument("--page-size", type=positive_int, default=None)
+    sim.add_argument("--size", type=positive_int, default=None, help="full-attention token slots")
+    sim.add_argument("--size-swa", type=positive_int, default=None, help="sliding-window token slots")
+    sim.add_argument("--window", type=positive_int, default=None, help="sliding window in tokens")
     sim.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    sim.add_argument("--every", type=int, default=defaults.every, help="canary check every N steps")
-    sim.add_argument("--inject", default=None, choices=sorted(INJECTIONS), help="corrupt the allocator once, at a random step")
-    sim.add_argument("--seed", type=int, default=None, help="seed, to repeat a run exactly")
+    sim.add_argument("--every", type=positive_int, default=None, help="canary check every N steps")
+    sim.add_argument("--inject", default=None, choices=INJECTION_NAMES, metavar="INVARIANT",
+                     help="corrupt the allocator once, at a random step (one of: %(choices)s)")
+    sim.add_argument("--seed", type=seed, default=None, help="seed, to repeat a run exactly")
     sim.set_defaults(handler=command_simulate)
 
+
+def add_fuzz_parser(commands: Any) -> None:
     fuzz = commands.add_parser("fuzz", help="an overnight campaign: worker processes, a shared example database, exported findings")
     add_target_options(fuzz)
     fuzz.add_argument("--duration", type=parse_duration, default=8 * 3600.0, help="how long to run (default 8h)")
-    fuzz.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
+    fuzz.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
     fuzz.add_argument(
         "--db", default=None, metavar="PATH|redis://HOST:PORT/N",
         help="example database shared by the workers (default OUT/examples); Redis keeps OUT/examples as its local copy",
     )
     fuzz.add_argument("--out", default="fuzz-out", help="campaign directory: findings/, examples/ (default fuzz-out)")
-    fuzz.add_argument("--seed", type=int, default=None, help="master seed of the workers' seeds")
-    fuzz.add_argument("--examples-per-run", type=int, default=CampaignConfig.examples_per_run,
+    fuzz.add_argument("--seed", type=seed, default=None, help="master seed of the workers' seeds")
+    fuzz.add_argument("--examples-per-run", type=positive_int, default=None,
                       help="examples per Hypothesis run; smaller runs report more often")
-    fuzz.add_argument("--machine", action="append", choices=sorted(MACHINES), default=None,
-                      help="run only this state machine (repeatable; default all)")
-    fuzz.add_argument("--interval", type=parse_duration, default=CampaignConfig.status_seconds,
+    fuzz.add_argument("--machine", action="append", choices=MACHINE_NAMES, metavar="MACHINE", default=None,
+                      help="run only this state machine (repeatable; default all; one of: %(choices)s)")
+    fuzz.add_argument("--interval", type=parse_duration, default=None,
                       help="seconds between JSON status lines when not on a terminal (default 10)")
     fuzz.set_defaults(handler=command_fuzz, against=None)
 
+
+def add_selfcheck_parser(commands: Any) -> None:
     selfcheck = commands.add_parser(
         "selfcheck", help="check every mutant of the reference allocator (each must be caught) and the reference"
     )
-    selfcheck.add_argument("--budget", type=parse_duration, default=60.0, help="seconds per mutant and pass (default 60)")
+    selfcheck.add_argument("--budget", type=parse_duration, default=60.0, help="time per mutant and pass (default 60s)")
     selfcheck.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    selfcheck.add_argument("--seed", type=int, default=None, help="master seed, to repeat a self-check exactly")
-    selfcheck.add_argument("--mutant", action="append", choices=sorted(MUTANTS), default=None,
-                           help="check only this mutant (repeatable; default all)")
-    selfcheck.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    selfcheck.add_argument("--seed", type=seed, default=None, help="master seed, to repeat a self-check exactly")
+    selfcheck.add_argument("--mutant", action="append", choices=MUTANT_NAMES, metavar="MUTANT", default=None,
+                           help="check only this mutant (repeatable; default all; one of: %(choices)s)")
+    selfcheck.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON to this path")
     selfcheck.set_defaults(handler=command_selfcheck, target="reference", against=None)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="swa-canary", description="Property-based checks and a runtime canary for SWA KV-cache allocators.")
+    commands = parser.add_subparsers(dest="command")
+    add_check_parser(commands)
+    add_simulate_parser(commands)
+    add_fuzz_parser(commands)
+    add_selfcheck_parser(commands)
     replay_command = commands.add_parser(
         "replay", help="re-run the canary's check on a snapshot it wrote, or a campaign finding (OUT/findings/ID)"
     )
@@ -277,15 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (EXIT_STATUS_HELP)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["check", *(argv or [])])
     try:
         return args.handler(args)
-    except TargetError as error:
-        print(f"swa-canary: {error}", file=sys.stderr)
+    except usage_errors() as error:
+        print(f"swa-canary: {error}".replace("\n", " | "), file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before a run started, or after it ended: nothing to report
+        print("swa-canary: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -248,7 +248,7 @@ class ProbeResults:
             raise ProbeInputError(f"packed must be a 2-D int64 tensor, got {_describe_value(packed)}")
         if packed.shape[0] != len(names) or packed.shape[1] < 1:
             raise ProbeInputError(f"packed has shape {tuple(packed.shape)} for {len(names)} probes")
-        _select(names)
+        select_probes(names)
         return cls(names, packed)
 
     def read(self) -> list[Violation]:
@@ -280,7 +280,7 @@ def run_probes(
         raise ProbeInputError(f"run_probes takes an AllocatorView, got {type(view).__name__}")
     if isinstance(max_indices, bool) or not isinstance(max_indices, int) or max_indices < 0:
         raise ProbeInputError(f"max_indices must be an int >= 0, got {max_indices!r}")
-    selected = _MODEL_FREE if names is None else _select(names)
+    selected = _MODEL_FREE if names is None else select_probes(names)
     selected = tuple(name for name in selected if name not in view.inapplicable)
     device = view.mapping.device
     # The state machines call this after every step on CPU: the common case goes first.
@@ -327,7 +327,7 @@ def _implementation(impl: str, device: torch.device) -> ModuleType:
     return _probes_triton
 
 
-def _select(names: Iterable[str]) -> tuple[Name, ...]:
+def select_probes(names: Iterable[str]) -> tuple[Name, ...]:
     """The model-free names among `names`, each once, in the order given."""
     if isinstance(names, str):
         names = (names,)

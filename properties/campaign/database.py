@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
@@ -180,7 +181,12 @@ class DatabaseSpec:
         if db is None:
             return cls(str(out / "examples"))
         if is_redis_url(db):
+            check_redis_url(db)
             return cls(str(out / "examples"), db)
+        if "://" in db:
+            raise CampaignDatabaseError(
+                f"--db {db}: not a Redis URL ({', '.join(REDIS_SCHEMES)}...) nor a directory path"
+            )
         return cls(db)
 
     def describe(self) -> str:
@@ -191,6 +197,29 @@ class DatabaseSpec:
         if self.redis_url is not None:
             local = ResilientRedisDatabase(local, self.redis_url, log=log)
         return ScopedDatabase(local, target_scope(target, device))
+
+
+def check_redis_url(url: str) -> None:
+    """CampaignDatabaseError for a Redis URL that cannot name a server and database: a port
+    that is no number (or out of range), a database that is not a number, no host.
+
+    Args:
+        url: a redis://, rediss:// or unix:// URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port
+    except ValueError as error:
+        raise CampaignDatabaseError(f"--db {url}: {error}") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise CampaignDatabaseError(f"--db {url}: a unix:// URL needs a socket path")
+        return
+    if not parts.hostname:
+        raise CampaignDatabaseError(f"--db {url}: no host (redis://HOST:PORT/N)")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise CampaignDatabaseError(f"--db {url}: the database {database!r} is not a number (redis://HOST:PORT/N)")
 
 
 def target_scope(target: str, device: str) -> bytes:

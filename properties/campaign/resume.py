@@ -18,8 +18,9 @@ from pathlib import Path
 
 from properties.campaign.database import DatabaseSpec
 from properties.campaign.worker import DATABASE, PASS_NAMES, rerun
-from properties.runners.export import load_report, run_regression
-from properties.targets import resolve_target
+from properties.runners.export import REPORT_NAME, load_report, run_regression
+from properties.targets import check_target_builds, resolve_target
+from properties.usage import UsageError
 
 FAILS, PASSES, CRASHES = "fails", "passes", "crashes"
 
@@ -68,21 +69,50 @@ def check_known(directories: list[Path], target: str, device: str) -> dict[str, 
     return {Path(directory).name: verdicts[directory] for directory in map(str, directories)}
 
 
-def replay_finding(directory: Path) -> int:
-    """`swa-canary replay DIR/findings/<id>`: 1 if the finding still fails on its target (or
-    SWA_TARGET), 0 if it passes, 2 if DIR is not a finding."""
+FINDING_KINDS = {"violation": ("test",), "error": ("test",), "crash": ("machine", "seed", "pass", "examples_per_run")}
+"""The kinds of finding and the report keys each needs besides id, target, device and invariant."""
+
+
+def checked_report(directory: Path) -> dict:
+    """A finding's report.json, with every key its replay reads; UsageError otherwise.
+
+    Args:
+        directory: a finding directory (OUT/findings/<id>).
+    Returns:
+        The report.
+    """
     try:
         report = load_report(directory)
     except (OSError, ValueError) as error:
-        print(f"swa-canary: {directory} is not a finding directory ({error})", file=sys.stderr)
-        return 2
-    target = os.environ.get("SWA_TARGET", report["target"])
-    device = os.environ.get("SWA_DEVICE", report["device"])
-    print(f"finding {report['id']}: {report.get('severity', 'FATAL')} {report['invariant']} in {report['machine']}, on {target} ({device})")
+        raise UsageError(f"{directory} is not a finding directory ({error})") from None
+    if not isinstance(report, dict):
+        raise UsageError(f"{directory}/{REPORT_NAME} is not a finding report (not a JSON object)")
+    kind = report.get("kind")
+    if kind not in FINDING_KINDS:
+        raise UsageError(f"{directory}/{REPORT_NAME}: kind {kind!r} is none of {', '.join(FINDING_KINDS)}")
+    missing = [key for key in ("id", "target", "device", "invariant", *FINDING_KINDS[kind]) if key not in report]
+    if missing:
+        raise UsageError(f"{directory}/{REPORT_NAME}: a {kind} finding needs {', '.join(missing)}")
+    if kind != "crash" and not (directory / str(report["test"])).is_file():
+        raise UsageError(f"{directory}: its test file {report['test']!r} is missing")
+    return report
+
+
+def replay_finding(directory: Path) -> int:
+    """`swa-canary replay DIR/findings/<id>`: 1 if the finding still fails on its target (or
+    SWA_TARGET), and a crash finding only if its run still kills the process; 0 if it passes;
+    UsageError if DIR is not a finding or its target cannot be imported or built."""
+    report = checked_report(directory)
+    target = os.environ.get("SWA_TARGET", str(report["target"]))
+    device = os.environ.get("SWA_DEVICE", str(report["device"]))
+    check_target_builds(resolve_target(target), device)
+    print(f"finding {report['id']}: {report.get('severity', 'FATAL')} {report['invariant']} in "
+          f"{report.get('machine', '?')}, on {target} ({device})")
     if report["kind"] == "crash":
         outcome, detail = check_known([directory], target, device)[directory.name]
-        print(f"{outcome}{': ' + detail if detail else ''}")
-        return 0 if outcome == PASSES else 1
+        print({CRASHES: "still crashes", FAILS: "no longer crashes, but fails", PASSES: "passes"}[outcome]
+              + (f": {detail}" if detail else ""))
+        return {PASSES: 0, FAILS: 1, CRASHES: 1}[outcome]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(directory), report["test"]]
-    completed = subprocess.run(command, cwd=directory)
+    completed = subprocess.run(command, cwd=directory, env={**os.environ, "SWA_TARGET": target, "SWA_DEVICE": device})
     return {0: 0, 1: 1}.get(completed.returncode, 2)

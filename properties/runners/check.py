@@ -7,6 +7,7 @@ and reported with its invariant, severity and minimal program; the check stops t
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -73,6 +74,8 @@ class CheckReport:
     finding: Finding | None = None
     coverage: dict | None = None
     """With --coverage: properties.runners.coverage.CoverageReport, as a dict."""
+    interrupted: bool = False
+    """Stopped by Ctrl-C (SIGINT) before the budget was spent."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -163,36 +166,83 @@ def run_check(
         report_multiple_bugs=False,
     )
     started = time.monotonic()
-    while time.monotonic() - started < budget and report.finding is None:
-        for name in names:
-            run_seed = rng.randrange(2**32)
-            machine = hypothesis_seed(run_seed)(bind_stats(classes[name], stats))
-            try:
-                run_state_machine_as_test(machine, settings=run_settings)
-            except Exception as error:  # any failure of the target is a finding, not a harness crash
-                report.finding = finding_from(name, error, run_seed, time.monotonic() - started)
-                report.finding.calls = stats.last_program
-            report.runs += 1
-            report.programs, report.steps = stats.programs, stats.steps
-            report.seconds = time.monotonic() - started
-            if progress is not None:
-                progress(report)
-            if report.finding is not None or report.seconds >= budget:
-                break
+    try:
+        while time.monotonic() - started < budget and report.finding is None:
+            for name in names:
+                run_seed = rng.randrange(2**32)
+                machine = hypothesis_seed(run_seed)(bind_stats(classes[name], stats))
+                try:
+                    run_state_machine_as_test(machine, settings=run_settings)
+                except Exception as error:  # any failure of the target is a finding, not a harness crash
+                    report.finding = finding_from(name, error, run_seed, time.monotonic() - started)
+                    report.finding.calls = stats.last_program
+                report.runs += 1
+                _update(report, stats, started)
+                if progress is not None:
+                    progress(report)
+                if report.finding is not None or report.seconds >= budget:
+                    break
+    except KeyboardInterrupt:  # Ctrl-C: stop here and report what the check did so far
+        report.interrupted = True
+        _update(report, stats, started)
     return report
 
 
-def print_progress(stream: TextIO = sys.stderr) -> Callable[[CheckReport], None]:
+def _update(report: CheckReport, stats: Stats, started: float) -> None:
+    report.programs, report.steps = stats.programs, stats.steps
+    report.seconds = time.monotonic() - started
+
+
+def print_progress(stream: TextIO = sys.stderr, interval: float = 10.0, tty: bool | None = None) -> Callable[[CheckReport], None]:
+    """A progress callback for `run_check`: on a terminal one line redrawn in place every 2 s;
+    elsewhere (a log, CI, a pipe) one JSON `status` line every `interval` seconds, as `fuzz`
+    writes them.
+
+    Args:
+        stream: where to write.
+        interval: seconds between JSON lines off a terminal.
+        tty: whether `stream` is a terminal (default: ask it).
+    Returns:
+        The callback.
+    """
+    on_terminal = stream.isatty() if tty is None else tty
+    every = TTY_REFRESH_SECONDS if on_terminal else interval
     last = [0.0]
 
     def show(report: CheckReport) -> None:
-        if report.seconds - last[0] >= 2.0 or report.finding is not None:
-            last[0] = report.seconds
-            rate = report.steps / report.seconds if report.seconds else 0.0
-            stream.write(
-                f"\r[{report.seconds:6.1f}s / {report.budget:.0f}s] {report.programs} programs, "
-                f"{report.steps} steps ({rate:,.0f}/s)"
-            )
-            stream.flush()
+        if report.seconds - last[0] < every and report.finding is None:
+            return
+        last[0] = report.seconds
+        if on_terminal:
+            stream.write(f"\r{status_line(report)}")
+        else:
+            stream.write(json.dumps(status_record(report)) + "\n")
+        stream.flush()
 
     return show
+
+
+TTY_REFRESH_SECONDS = 2.0
+
+
+def status_record(report: CheckReport, event: str = "status") -> dict:
+    """What a check has done so far, as one JSON-ready record."""
+    return {
+        "event": event,
+        "target": report.target,
+        "elapsed": round(report.seconds, 1),
+        "budget": report.budget,
+        "programs": report.programs,
+        "steps": report.steps,
+        "steps_per_s": round(report.steps / report.seconds, 1) if report.seconds else 0.0,
+        "finding": None if report.finding is None else report.finding.invariant,
+        "interrupted": report.interrupted,
+    }
+
+
+def status_line(report: CheckReport) -> str:
+    rate = report.steps / report.seconds if report.seconds else 0.0
+    return (
+        f"[{report.seconds:6.1f}s / {report.budget:.0f}s] {report.programs} programs, "
+        f"{report.steps} steps ({rate:,.0f}/s)"
+    )

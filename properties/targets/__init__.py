@@ -217,6 +217,55 @@ def sglang_target() -> Target:
     return Target("sglang", sglang_factory, sglang_contract(version, capabilities), capabilities)
 
 
+SPEC_METHODS = (
+    "alloc", "alloc_extend", "alloc_decode", "alloc_extend_swa_tail", "free", "free_swa", "free_full",
+    "free_group_begin", "free_group_end", "clear", "available_size", "full_available_size",
+    "swa_available_size", "translate_loc_from_full_to_swa",
+)
+"""The SPEC §1 calls the machines make on every target."""
+STATE_METHODS = ("backup_state", "restore_state")
+"""Called unless the contract restricts `no_backup_restore`."""
+SPEC_ATTRIBUTES = ("full_to_swa_index_mapping", "page_size", "full_attn_allocator", "swa_attn_allocator")
+"""What the checks and probes read."""
+PROBE_CONFIG = AllocatorConfig(size=8, size_swa=8, page_size=1)
+
+
+def missing_interface(allocator: object, contract: TargetContract) -> list[str]:
+    """The SPEC §1 methods and attributes `allocator` lacks (a method must be callable).
+
+    Args:
+        allocator: what a target's factory built.
+        contract: the target's contract (backup / restore are needed only when it calls them).
+    Returns:
+        The missing names, in SPEC order; empty if it offers the whole interface.
+    """
+    methods = SPEC_METHODS if contract.no_backup_restore else (*SPEC_METHODS, *STATE_METHODS)
+    missing = [name for name in methods if not callable(getattr(allocator, name, None))]
+    return missing + [name for name in SPEC_ATTRIBUTES if not hasattr(allocator, name)]
+
+
+def check_target_builds(target: Target, device: str) -> None:
+    """Build one small allocator from the target's factory, before any run: TargetError if
+    the factory raises or builds something without the SPEC §1 interface. A target that
+    cannot be built is a usage error, not a finding.
+
+    Args:
+        target: the target to try.
+        device: the device the run will use.
+    """
+    config = dataclasses.replace(PROBE_CONFIG, device=device)
+    try:
+        allocator = target.factory(config)
+    except Exception as error:  # whatever the factory raises, the target is unusable
+        raise TargetError(f"target {target.name!r} cannot build an allocator: {type(error).__name__}: {error}") from None
+    missing = missing_interface(allocator, target.contract)
+    if missing:
+        raise TargetError(
+            f"target {target.name!r} built a {type(allocator).__name__}, not an SWA allocator: "
+            f"it has no {', '.join(missing)}"
+        )
+
+
 def resolve_target(spec: str) -> Target:
     """'reference', 'sglang', or 'package.module:factory'."""
     if spec == "sglang":
@@ -228,8 +277,8 @@ def resolve_target(spec: str) -> Target:
         raise TargetError(f"target {spec!r} is neither {sorted([*BUILTIN_TARGETS, 'sglang'])} nor 'module:factory'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise TargetError(f"cannot import target module {module_name!r}: {error}") from error
+    except Exception as error:  # ImportError, or whatever the module raises as it runs
+        raise TargetError(f"cannot import target module {module_name!r}: {type(error).__name__}: {error}") from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise TargetError(f"{module_name!r} has no callable {attribute!r}")

@@ -84,7 +84,12 @@ def check_usage(args: argparse.Namespace) -> Any:
     import torch
 
     from properties.runners.differential import differential_target
-    from properties.targets import TargetError, check_target_builds, resolve_target, with_contract_changes
+    from properties.targets import (
+        TargetError,
+        check_target_builds,
+        resolve_target,
+        with_contract_changes,
+    )
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TargetError("--device cuda, but torch sees no CUDA device")

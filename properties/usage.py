@@ -119,6 +119,8 @@ def check_output_file(path: str, option: str) -> Path:
     Returns:
         The path.
     """
+    if not path:
+        raise UsageError(f"{option}: the path is empty")
     target = Path(path)
     what = f"{option} {path}"
     if target.is_dir():
@@ -143,6 +145,8 @@ def check_output_directory(path: str, option: str) -> Path:
     Returns:
         The path.
     """
+    if not path:
+        raise UsageError(f"{option}: the path is empty")
     target = Path(path)
     what = f"{option} {path}"
     existing = _nearest_existing(target)

@@ -428,9 +428,21 @@ def test_attach_rejects_bad_options(options: dict, error: type, message: str) ->
         attach(allocator, **options)
 
 
-def test_attach_rejects_what_is_not_an_allocator() -> None:
+def test_attach_in_strict_mode_rejects_what_is_not_an_allocator() -> None:
     with pytest.raises(ProbeInputError, match="is not an SWA allocator"):
-        attach(object())
+        attach(object(), mode="strict")
+
+
+def test_attach_in_warn_mode_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    """Warn mode must never take the server down, at attach either: the monitor logs one line
+    and stays off."""
+    with caplog.at_level(logging.ERROR, logger="swa_canary"):
+        monitor = attach(object(), mode="warn")
+        monitor.step()
+        monitor.flush()
+    assert not monitor.enabled and monitor.stats().checks == 0
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and "is not an SWA allocator" in lines[0] and "\n" not in lines[0]
 
 
 # ---------------------------------------------------------------- metrics

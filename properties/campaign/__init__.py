@@ -112,8 +112,11 @@ class Totals:
     seen_again: int = 0
     crashes: int = 0
     restarts: int = 0
+    database: dict[int, dict] = field(default_factory=dict)
+    """The latest database health each worker slot reported."""
 
-    def add(self, message: dict) -> None:
+    def add(self, slot: int, message: dict) -> None:
+        self.database[slot] = message.get("database", {})
         self.programs += message["programs"]
         self.steps += message["steps"]
         self.calls.update(message["calls"])
@@ -259,7 +262,7 @@ class Campaign:
     def _handle(self, worker: Worker, message: dict) -> None:
         kind = message.pop("type")
         if kind == "progress":
-            self.totals.add(message)
+            self.totals.add(worker.plan.slot, message)
         elif kind == "stopped":
             worker.stopped = True
         elif kind == "finding":
@@ -370,7 +373,20 @@ class Campaign:
             "seen_again": totals.seen_again,
             "crashes": totals.crashes,
             "restarts": totals.restarts,
+            "database": self.database_health(),
         }
+
+    def database_health(self) -> dict:
+        """The database and, over Redis, whether the live workers reach it: "up" when all do,
+        else "down" with how many do not (they keep examples locally and re-sync later)."""
+        health: dict[str, Any] = {"spec": self.config.database_spec.describe()}
+        reports = [self.totals.database.get(slot, {}) for slot in self.workers]
+        redis = [report for report in reports if report]
+        if redis:
+            down = sum(report["redis"] == "down" for report in redis)
+            health.update(redis="down" if down else "up", workers_down=down,
+                          outages=sum(report["outages"] for report in redis))
+        return health
 
     def summary(self) -> dict:
         status = self.status()

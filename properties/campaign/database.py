@@ -4,8 +4,9 @@
 `--db redis://HOST:PORT/N` is Redis layered over the campaign's local directory: every
 example is written locally first, then to Redis; reads merge both. While Redis is
 unreachable the campaign keeps running on the local directory (one log line per outage), and
-when Redis answers again the keys written meanwhile are pushed back, so an outage loses
-nothing.
+when Redis answers again every key this process has used is pushed back with everything the
+local copy holds for it (Redis may have come back empty, after a restart), so an outage loses
+nothing. `health` says how the database is doing, for the campaign's status lines.
 
 Every key is scoped by target and device: a replayed example that no longer fails is
 deleted by Hypothesis, so campaigns against a fixed allocator must not see, and delete, the
@@ -67,10 +68,11 @@ class ResilientRedisDatabase(ExampleDatabase):
         self.remote = RedisExampleDatabase(client)
         self.down_since: float | None = None
         self._last_try = 0.0
-        self.unsynced: set[bytes] = set()
-        """Keys changed locally while Redis was down: their values go back up on re-sync."""
+        self.known: set[bytes] = set()
+        """Every key this process saved, fetched or moved: on re-sync, all their local values go up."""
         self.deleted: set[tuple[bytes, bytes]] = set()
         """Deletions Redis missed."""
+        self.outages = 0
 
     def __repr__(self) -> str:
         return f"ResilientRedisDatabase({self.local!r}, {self.url!r})"
@@ -87,6 +89,7 @@ class ResilientRedisDatabase(ExampleDatabase):
             return True, action()
         except self._errors as error:
             self.down_since = self._last_try = time.monotonic()
+            self.outages += 1
             self.log(f"example database: Redis at {self.url} failed ({error}); keeping examples in {self.local!r}")
             return False, None
 
@@ -99,26 +102,33 @@ class ResilientRedisDatabase(ExampleDatabase):
             self.remote.redis.ping()
             for key, value in sorted(self.deleted):
                 self.remote.delete(key, value)
-            for key in sorted(self.unsynced):
+            values = 0
+            for key in sorted(self.known):
                 for value in self.local.fetch(key):
                     self.remote.save(key, value)
+                    values += 1
         except self._errors:
             return False
         self.log(
             f"example database: Redis at {self.url} is back after {now - self.down_since:.0f}s; "
-            f"re-synced {len(self.unsynced)} keys"
+            f"re-synced {values} examples of {len(self.known)} keys"
         )
         self.down_since = None
-        self.unsynced.clear()
         self.deleted.clear()
         return True
 
+    def health(self) -> dict:
+        """{"redis": "up" or "down", "down_s": seconds down, "outages": count}."""
+        down = 0.0 if self.down_since is None else round(time.monotonic() - self.down_since, 1)
+        return {"redis": "up" if self.connected else "down", "down_s": down, "outages": self.outages}
+
     def save(self, key: bytes, value: bytes) -> None:
+        self.known.add(key)
         self.local.save(key, value)
-        if not self._remote(lambda: self.remote.save(key, value))[0]:
-            self.unsynced.add(key)
+        self._remote(lambda: self.remote.save(key, value))
 
     def fetch(self, key: bytes) -> Iterable[bytes]:
+        self.known.add(key)
         seen = set()
         for value in self.local.fetch(key):
             seen.add(value)
@@ -135,10 +145,10 @@ class ResilientRedisDatabase(ExampleDatabase):
             self.deleted.add((key, value))
 
     def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        self.known.update((src, dest))
         self.local.move(src, dest, value)
         if not self._remote(lambda: self.remote.move(src, dest, value))[0]:
             self.deleted.add((src, value))
-            self.unsynced.add(dest)
 
 
 class ScopedDatabase(ExampleDatabase):
@@ -208,7 +218,7 @@ def check_redis_url(url: str) -> None:
     """
     parts = urllib.parse.urlsplit(url)
     try:
-        parts.port
+        _ = parts.port  # urllib checks the port as it reads it
     except ValueError as error:
         raise CampaignDatabaseError(f"--db {url}: {error}") from None
     if parts.scheme == "unix":
@@ -220,6 +230,17 @@ def check_redis_url(url: str) -> None:
     database = parts.path.strip("/")
     if database and not database.isdigit():
         raise CampaignDatabaseError(f"--db {url}: the database {database!r} is not a number (redis://HOST:PORT/N)")
+
+
+def health(database: ExampleDatabase) -> dict:
+    """How a campaign's database is doing: {"redis": "up" | "down", "down_s", "outages"} over
+    Redis, {} for a directory alone.
+
+    Args:
+        database: what `DatabaseSpec.open` returned.
+    """
+    inner = database.inner if isinstance(database, ScopedDatabase) else database
+    return inner.health() if isinstance(inner, ResilientRedisDatabase) else {}
 
 
 def target_scope(target: str, device: str) -> bytes:

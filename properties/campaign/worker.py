@@ -33,6 +33,7 @@ from hypothesis.stateful import run_state_machine_as_test
 from hypothesis.statistics import collector
 
 from properties.campaign.database import DatabaseSpec
+from properties.campaign.database import health as database_health
 from properties.machines import AllocatorMachine, machine_classes
 from properties.runners.check import Stats, bind_stats, finding_from
 from properties.runners.export import export_finding
@@ -113,8 +114,11 @@ class Reporter:
     worker is `orphaned`: the thread interrupts the run in progress and the worker stops,
     instead of fuzzing on with no one to report to."""
 
-    def __init__(self, conn: Connection, stats: Stats, events: Counter, every: float) -> None:
+    def __init__(
+        self, conn: Connection, stats: Stats, events: Counter, every: float, database: Callable[[], dict] = dict
+    ) -> None:
         self.conn, self.stats, self.events, self.every = conn, stats, events, every
+        self.database = database
         self.lock = threading.Lock()
         self.sent = (0, 0, Counter(), Counter())
         self.parent = os.getppid()
@@ -142,6 +146,7 @@ class Reporter:
             "steps": now[1] - steps,
             "calls": dict(now[2] - calls),
             "events": dict(now[3] - events),
+            "database": self.database(),
         }
 
     def _report_periodically(self) -> None:
@@ -195,7 +200,7 @@ def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> 
     prepare_process()
     rng = random.Random(plan.seed)
     stats, events = Stats(), Counter()
-    reporter = Reporter(conn, stats, events, plan.report_seconds)
+    reporter = Reporter(conn, stats, events, plan.report_seconds, lambda: database_health(database))
     started = time.monotonic()
     last_database_pass = None
     while not (stop.is_set() or reporter.orphaned):

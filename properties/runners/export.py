@@ -31,6 +31,7 @@ from canary.invariants import Name
 from properties.machines.driver import AllocatorDriver
 from properties.runners.check import Finding
 from properties.targets import AllocatorConfig, Factory, Target, reference_factory
+from properties.usage import current_umask
 
 REPORT_NAME = "report.json"
 
@@ -299,6 +300,7 @@ def write_finding_directory(findings_dir: Path, identifier: str, files: dict[str
         return None
     scratch = Path(tempfile.mkdtemp(prefix=f".{identifier}-", dir=findings_dir))
     try:
+        os.chmod(scratch, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a finding is shared like any directory
         for name, text in files.items():
             _write_synced(scratch / name, text)
         _sync_directory(scratch)

@@ -280,7 +280,17 @@ BAD_CONFIGS = {
     "token-pool-size-zero": lambda d: TokenToKVPoolAllocator(0, torch.float16, d),
     "paged-pool-size-not-multiple": lambda d: PagedTokenToKVPoolAllocator(6, 4, torch.float16, d),
     "paged-pool-page-size-zero": lambda d: PagedTokenToKVPoolAllocator(8, 0, torch.float16, d),
+    "device-tpu": lambda d: SWATokenToKVPoolAllocator(8, 8, 1, torch.float16, "tpu"),
+    "device-an-int": lambda d: SWATokenToKVPoolAllocator(8, 8, 1, torch.float16, 3),
+    "device-cuda-missing": lambda d: SWATokenToKVPoolAllocator(8, 8, 1, torch.float16, missing_cuda_device()),
+    "dtype-banana": lambda d: SWATokenToKVPoolAllocator(8, 8, 1, "banana", d),
+    "token-pool-dtype-banana": lambda d: TokenToKVPoolAllocator(8, "banana", d),
 }
+
+
+def missing_cuda_device() -> str:
+    """A CUDA device torch cannot use here: cuda without a GPU, else one past the last GPU."""
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
 
 
 @pytest.mark.parametrize("build", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
@@ -288,3 +298,20 @@ def test_invalid_construction_raises_config_error(build: Callable, swa_device: t
     with pytest.raises(InvalidConfigError) as raised:
         build(swa_device)
     assert isinstance(raised.value, AllocatorError)
+
+
+@pytest.mark.parametrize(
+    "call, names, not_named",
+    [
+        (lambda a, d: a.alloc_decode(*decode_args(d, [0], [-1])), "every seq_len of a decode must be >= 1", "prefix_len"),
+        (lambda a, d: a.alloc_extend(*extend_args(d, [6], [5], [9])), "every seq_len must be >= its prefix_len", "at least 0"),
+    ],
+    ids=["decode-seq-len-zero", "extend-seq-below-prefix"],
+)
+def test_length_errors_name_the_parameter_that_is_wrong(
+    call: Callable, names: str, not_named: str, swa_device: torch.device
+) -> None:
+    allocator = paged_pair(swa_device)
+    with pytest.raises(InvalidIndexError) as raised:
+        call(allocator, swa_device)
+    assert names in str(raised.value) and not_named not in str(raised.value)

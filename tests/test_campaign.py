@@ -263,6 +263,49 @@ def test_a_redis_outage_loses_nothing(redis_server: RedisServer, tmp_path: Path)
     assert set(local.fetch(b"later")) == {b"after"}
 
 
+def test_redis_restarted_empty_gets_every_local_example_back(redis_server: RedisServer, tmp_path: Path) -> None:
+    logs: list[str] = []
+    local = DirectoryBasedExampleDatabase(tmp_path / "local")
+    database = ResilientRedisDatabase(local, redis_server.url, retry_seconds=0.0, log=logs.append)
+    keys = [f"key-{index}".encode() for index in range(20)]
+    for key in keys:
+        database.save(key, b"value of " + key)
+    assert database.health() == {"redis": "up", "down_s": 0.0, "outages": 0}
+
+    redis_server.stop()  # its data is not persisted: it comes back empty
+    database.save(b"during", b"outage")
+    assert database.health()["redis"] == "down"
+    redis_server.start()
+    database.save(b"after", b"outage")
+    assert [redis_server.fetch(key) for key in keys] == [{b"value of " + key} for key in keys]
+    assert (redis_server.fetch(b"during"), redis_server.fetch(b"after")) == ({b"outage"}, {b"outage"})
+    assert database.health() == {"redis": "up", "down_s": 0.0, "outages": 1}
+    assert "re-synced 22 examples of 22 keys" in logs[-1]
+
+
+class HealthRecorder(Recorder):
+    """Stops the campaign at the first status line that shows Redis's health."""
+
+    def status(self, status: dict, force: bool = False) -> None:
+        super().status(status, force=True)
+        if not self.stopped and status["database"].get("redis"):
+            self.stopped = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_campaign_status_lines_show_the_database_health(redis_server: RedisServer, tmp_path: Path) -> None:
+    recorder = HealthRecorder()
+    config = CampaignConfig(target="reference", duration=60.0, workers=1, out=tmp_path / "out", machines=FAST,
+                            database=DatabaseSpec.parse(redis_server.url, tmp_path / "out"))
+    summary = run_campaign(config, recorder)
+    assert summary["stopped_by"] == "SIGINT"
+    health = [status["database"] for status in recorder.events("status")]
+    assert all(entry["spec"].startswith(redis_server.url) for entry in health)
+    assert health[0].get("redis") is None  # no worker has reported yet
+    reported = [entry for entry in health if entry.get("redis")]
+    assert reported and {"redis": "up", "workers_down": 0, "outages": 0}.items() <= reported[0].items()
+
+
 def test_two_campaigns_sharing_redis_see_each_others_findings(redis_server: RedisServer, tmp_path: Path) -> None:
     shared = DatabaseSpec.parse(redis_server.url, tmp_path / "first")
     _, first = campaign(tmp_path / "first", database=shared)

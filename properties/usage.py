@@ -71,13 +71,11 @@ class LazyChoices(Sequence[str]):
 
     def __init__(self, source: str, extra: tuple[str, ...] = ()) -> None:
         self.source, self.extra = source, extra
-        self._names: list[str] | None = None
 
     def names(self) -> list[str]:
-        if self._names is None:
-            module, _, attribute = self.source.partition(":")
-            self._names = [*sorted(getattr(importlib.import_module(module), attribute)), *self.extra]
-        return self._names
+        """Read afresh each time (the dict may change, as tests add to it); the import is cached."""
+        module, _, attribute = self.source.partition(":")
+        return [*sorted(getattr(importlib.import_module(module), attribute)), *self.extra]
 
     def __getitem__(self, index: Any) -> Any:
         return self.names()[index]

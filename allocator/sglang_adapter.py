@@ -161,7 +161,7 @@ def _raises_not_implemented(call: Any) -> bool:
 
 
 @functools.cache
-def sglang_capabilities() -> "TargetCapabilities":
+def sglang_capabilities() -> TargetCapabilities:
     """What the installed release's allocator can be called with at all, read from it: its
     constructor's parameters, the methods it has, the ones that raise NotImplementedError, and
     the layout of a small allocator's mapping."""

@@ -5,8 +5,12 @@ as sglang's swa_full_idx_divergence check does: gather whole req_to_token rows, 
 seq_lens, look every entry up in the mapping. It counts only non-identity pairs, so it is a
 lower bound on what a one-off torch check costs, not a full detector.
 
-Roofline: the bytes that must be read are the live req_to_token entries plus one 8-byte mapping
-gather per live token; fraction = those bytes / (time * peak bandwidth).
+Roofline: the bytes that must be read are the live req_to_token entries (read in order) plus
+the mapping entries they point at, gathered at random: DRAM serves a gather in 32-byte
+sectors, so the floor counts each distinct sector the live tokens touch (one per token at page
+size 1 with pages in random order, one per 4 consecutive slots of a page otherwise);
+fraction = those bytes / (time * the device's copy bandwidth, measured in this run: bytes
+read + written per second by a 1 GiB device-to-device copy).
 
 From the repository root:
     python -m bench.bench_divergence            # CUDA, batch 64/256/1024 x context 4K/32K
@@ -25,7 +29,33 @@ from torch import Tensor
 
 from canary.divergence import detect_divergence
 
-H100_SXM_PEAK_BYTES_PER_S = 3.35e12
+SECTOR_BYTES = 32
+COPY_BYTES = 1 << 30
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, iters: int = 10) -> float:
+    """The device's memory bandwidth as a large copy reaches it: bytes read + written per
+    second, the best of `iters` copies of `nbytes` (what a roofline here should divide by,
+    rather than a datasheet peak of some other device)."""
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = float("inf")
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(source)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) * 1e-3
+        else:
+            started = time.perf_counter()
+            target.copy_(source)
+            seconds = time.perf_counter() - started
+        best = min(best, seconds)
+    del source, target
+    return 2 * nbytes / best
 
 
 def build_state(batch: int, context: int, window: int, page_size: int, device: torch.device, seed: int) -> dict:
@@ -110,17 +140,27 @@ def live_token_count(state: dict) -> int:
     return int(state["seq_lens"].clamp(0, state["req_to_token"].shape[1]).sum())
 
 
+def live_slots(state: dict) -> Tensor:
+    """The full slots of every live token (the req_to_token entries the detector reads)."""
+    rows = state["req_to_token"][state["req_pool_indices"]]
+    live = torch.arange(rows.shape[1], device=rows.device) < state["seq_lens"][:, None]
+    return rows[live].long()
+
+
 def required_bytes(state: dict) -> int:
-    """One read of each live req_to_token entry plus one mapping gather per live token."""
-    per_token = state["req_to_token"].element_size() + state["mapping"].element_size()
-    return live_token_count(state) * per_token
+    """One read of each live req_to_token entry, plus every distinct 32-byte sector of the
+    mapping that the live tokens' entries lie in."""
+    slots = live_slots(state)
+    per_sector = SECTOR_BYTES // state["mapping"].element_size()
+    sectors = torch.unique(slots // per_sector).numel()
+    return slots.numel() * state["req_to_token"].element_size() + sectors * SECTOR_BYTES
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU, small sizes, torch paths only")
-    parser.add_argument("--peak-bandwidth", type=float, default=H100_SXM_PEAK_BYTES_PER_S,
-                        help="peak memory bandwidth in B/s for the roofline fraction (default: H100 SXM)")
+    parser.add_argument("--peak-bandwidth", type=float, default=None,
+                        help="bandwidth in B/s for the roofline (default: the device's copy bandwidth, measured)")
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--page-size", type=int, default=1)
     parser.add_argument("--iters", type=int, default=20, help="calls per timed round")
@@ -143,14 +183,16 @@ def main() -> None:
         impls = ["triton", "torch", "sglang-formulation"]
 
     on_gpu = device.type == "cuda"
+    bandwidth = args.peak_bandwidth or copy_bandwidth(device, COPY_BYTES if on_gpu else 1 << 26)
+    source = "given" if args.peak_bandwidth else "measured copy"
     print(f"device: {torch.cuda.get_device_name(device) if on_gpu else 'cpu'}, window {window}, "
-          f"page size {args.page_size}, peak {args.peak_bandwidth:.3g} B/s, "
+          f"page size {args.page_size}, {source} bandwidth {bandwidth / 1e12:.3f} TB/s, "
           f"median of {ROUNDS} rounds of {iters} calls")
     print("eager: back-to-back calls; graph: CUDA graph replay (GPU time); roofline and ratio use "
           "graph time on GPU, eager time on CPU")
     print()
-    print("| batch | context | live tokens | impl | eager µs | graph µs | roofline | time / triton |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|")
+    print("| batch | context | live tokens | floor MB | impl | eager µs | graph µs | floor µs | roofline | time / triton |")
+    print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for context in contexts:
         for batch in batches:
             state = build_state(batch, context, window, args.page_size, device, seed=batch * context)
@@ -165,12 +207,12 @@ def main() -> None:
             eager = {impl: eager_us(calls[impl], device, iters, warmup) for impl in impls}
             graph = {impl: graph_us(calls[impl], device, iters, warmup) for impl in impls} if on_gpu else {}
             reference = graph or eager
+            floor = bytes_needed / bandwidth * 1e6
             for impl in impls:
-                fraction = bytes_needed / (reference[impl] * 1e-6 * args.peak_bandwidth)
                 ratio = f"{reference[impl] / reference['triton']:.2f}x" if "triton" in reference else "-"
                 graph_cell = f"{graph[impl]:.1f}" if on_gpu else "-"
-                print(f"| {batch} | {context} | {live_tokens} | {impl} | {eager[impl]:.1f} | {graph_cell} "
-                      f"| {fraction:.1%} | {ratio} |")
+                print(f"| {batch} | {context} | {live_tokens} | {bytes_needed / 1e6:.1f} | {impl} | {eager[impl]:.1f} "
+                      f"| {graph_cell} | {floor:.1f} | {floor / reference[impl]:.1%} | {ratio} |")
             del state
             if device.type == "cuda":
                 torch.cuda.empty_cache()

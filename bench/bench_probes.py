@@ -8,8 +8,9 @@ request is freed again. Both paths must pack identical rows (checked before timi
 Columns: kernels = device kernels and memory operations one call launches (torch profiler);
 eager = back-to-back calls (host launch cost shows where it exceeds GPU time); graph = the
 same call captured once in a CUDA graph and replayed (GPU time alone); floor = one read of
-the mapping and both free lists at the peak bandwidth; graph / triton = the path's graph time
-over the Triton path's.
+the mapping and both free lists (in order) at the device's copy bandwidth, measured in this
+run (bench_divergence.copy_bandwidth); graph / triton = the path's graph time over the Triton
+path's.
 
 CPU (--smoke): the state machines' pattern on small pools, after every step: view the
 allocator, run every probe, read the packed rows back.
@@ -27,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from allocator import SWATokenToKVPoolAllocator
-from bench.bench_divergence import H100_SXM_PEAK_BYTES_PER_S, eager_us, graph_us
+from bench.bench_divergence import copy_bandwidth, eager_us, graph_us
 from canary.probes import AllocatorView, run_probes
 
 IMPLS = ("triton", "torch")
@@ -87,9 +88,9 @@ def top_kernels(call, device: torch.device, rows: int = 8) -> str:
     return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
 
 
-def floor_us(view: AllocatorView, peak_bytes_per_s: float) -> float:
+def floor_us(view: AllocatorView, bytes_per_s: float) -> float:
     read_once = (view.mapping.numel() + view.full_free.numel() + view.swa_free.numel()) * 8
-    return read_once / peak_bytes_per_s * 1e6
+    return read_once / bytes_per_s * 1e6
 
 
 def small_pools(iters: int, warmup: int) -> None:
@@ -115,7 +116,8 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--request", type=int, default=4096, help="tokens per request")
     parser.add_argument("--window", type=int, default=1024, help="tokens that keep an SWA slot")
-    parser.add_argument("--peak-bandwidth", type=float, default=H100_SXM_PEAK_BYTES_PER_S)
+    parser.add_argument("--peak-bandwidth", type=float, default=None,
+                        help="bandwidth in B/s for the floor (default: the device's copy bandwidth, measured)")
     parser.add_argument("--iters", type=int, default=50, help="calls per timed round")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also list the costliest kernels of each call")
@@ -127,9 +129,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device; use --smoke on CPU")
     device = torch.device("cuda")
+    bandwidth = args.peak_bandwidth or copy_bandwidth(device)
+    source = "given" if args.peak_bandwidth else "measured copy"
 
     print(f"device: {torch.cuda.get_device_name(device)}, SWA pool = half the full pool, requests of "
-          f"{args.request} tokens keeping {args.window} in the window, peak {args.peak_bandwidth:.3g} B/s")
+          f"{args.request} tokens keeping {args.window} in the window, {source} bandwidth {bandwidth / 1e12:.3f} TB/s")
     print()
     print("| pool tokens | page size | free full / SWA units | violations | impl | kernels | eager µs | graph µs "
           "| floor µs | graph / triton |")
@@ -151,7 +155,7 @@ def main() -> None:
                 ratio = f"{graph[impl] / graph['triton']:.2f}x" if "triton" in graph else "-"
                 print(f"| {size} | {page_size} | {view.full_free.numel()} / {view.swa_free.numel()} | {found} "
                       f"| {impl} | {count_kernels(call, device)} | {eager:.1f} | {graph[impl]:.1f} "
-                      f"| {floor_us(view, args.peak_bandwidth):.1f} | {ratio} |")
+                      f"| {floor_us(view, bandwidth):.1f} | {ratio} |")
                 if args.profile:
                     profiles.append(f"pool {size}, page size {page_size}, {impl}:\n{top_kernels(call, device)}")
             del allocator, view, calls, packed

@@ -66,14 +66,50 @@ def usage_errors() -> tuple[type[Exception], ...]:
     from properties.campaign import CampaignConfigError
     from properties.campaign.database import CampaignDatabaseError
     from properties.targets import TargetError
+    from properties.targets.isolated import IsolationError
 
-    return (UsageError, TargetError, CampaignConfigError, CampaignDatabaseError, SimulationConfigError,
+    return (UsageError, TargetError, IsolationError, CampaignConfigError, CampaignDatabaseError, SimulationConfigError,
             SnapshotError, ProbeInputError, DivergenceInputError, SweepInputError)
 
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="reference", help="reference (default), sglang, or module:factory")
+    parser.add_argument(
+        "--target",
+        default="reference",
+        help="reference (default), sglang, mutant:NAME or module:factory; add @PYTHON (an interpreter or a "
+        "virtual environment) to run it in a worker process there, e.g. sglang@/envs/sglang-0.5.8",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    add_isolation_options(parser)
+
+
+def add_isolation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run the target in a worker process under this Python (as TARGET@): a crash or a hang is a finding",
+    )
+    parser.add_argument(
+        "--call-timeout",
+        type=parse_duration,
+        default=None,
+        metavar="SECONDS",
+        help="an isolated target's call that takes longer is a HANG finding (default 60; also SWA_CALL_TIMEOUT)",
+    )
+
+
+def apply_isolation(args: argparse.Namespace) -> None:
+    """--isolate and --call-timeout: into the target specs, and into SWA_CALL_TIMEOUT, which
+    reaches the campaign's worker processes and exported tests too."""
+    if getattr(args, "call_timeout", None) is not None:
+        if not args.call_timeout > 0:
+            raise UsageError(f"--call-timeout must be positive, got {args.call_timeout:g}")
+        os.environ["SWA_CALL_TIMEOUT"] = repr(args.call_timeout)
+    if getattr(args, "isolate", False):
+        for name in ("target", "against"):
+            spec = getattr(args, name, None)
+            if spec is not None and "@" not in spec:
+                setattr(args, name, f"{spec}@")
 
 
 def check_usage(args: argparse.Namespace) -> Any:
@@ -93,6 +129,7 @@ def check_usage(args: argparse.Namespace) -> Any:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TargetError("--device cuda, but torch sees no CUDA device")
+    apply_isolation(args)
     target = resolve_target(args.target)
     check_target_builds(target, args.device)
     if args.against is not None:
@@ -187,7 +224,7 @@ def command_selfcheck(args: argparse.Namespace) -> int:
         sys.stderr.write(f"[{names.index(result.name) + 1}/{len(names)}] {result.name}: {verdict}\n")
 
     prepare_process()
-    report = run_selfcheck(args.budget, args.device, master, names, progress=show)
+    report = run_selfcheck(args.budget, args.device, master, names, progress=show, isolate=args.isolate)
     if json_path is not None:
         write_json(json_path, report.to_json())
     print(report.explain())
@@ -201,7 +238,8 @@ def command_replay(args: argparse.Namespace) -> int:
     if path.is_dir():
         from properties.campaign.resume import replay_finding
 
-        return replay_finding(path)
+        apply_isolation(args)
+        return replay_finding(path, args.target, args.isolate)
     return replay_snapshot(path)
 
 
@@ -311,6 +349,7 @@ def add_selfcheck_parser(commands: Any) -> None:
     selfcheck.add_argument("--mutant", action="append", choices=MUTANT_NAMES, metavar="MUTANT", default=None,
                            help="check only this mutant (repeatable; default all; one of: %(choices)s)")
     selfcheck.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON to this path")
+    add_isolation_options(selfcheck)
     selfcheck.set_defaults(handler=command_selfcheck, target="reference", against=None)
 
 
@@ -325,7 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="re-run the canary's check on a snapshot it wrote, or a campaign finding (OUT/findings/ID)"
     )
     replay_command.add_argument("path", help="a snapshot file (swa-canary-*.pt) or a finding directory")
-    replay_command.set_defaults(handler=command_replay)
+    replay_command.add_argument(
+        "--target", default=None, help="replay a finding on this target (default: SWA_TARGET, else the finding's own)"
+    )
+    add_isolation_options(replay_command)
+    replay_command.set_defaults(handler=command_replay, against=None)
     return parser
 
 

@@ -98,12 +98,15 @@ def checked_report(directory: Path) -> dict:
     return report
 
 
-def replay_finding(directory: Path) -> int:
-    """`swa-canary replay DIR/findings/<id>`: 1 if the finding still fails on its target (or
-    SWA_TARGET), and a crash finding only if its run still kills the process; 0 if it passes;
-    UsageError if DIR is not a finding or its target cannot be imported or built."""
+def replay_finding(directory: Path, target: str | None = None, isolate: bool = False) -> int:
+    """`swa-canary replay DIR/findings/<id>`: 1 if the finding still fails on `target` (else
+    SWA_TARGET, else its own target; isolate: in a worker process under this Python), and a
+    crash finding only if its run still kills the process; 0 if it passes; UsageError if DIR
+    is not a finding or its target cannot be imported or built."""
     report = checked_report(directory)
-    target = os.environ.get("SWA_TARGET", str(report["target"]))
+    target = target or os.environ.get("SWA_TARGET", str(report["target"]))
+    if isolate and "@" not in target:
+        target += "@"
     device = os.environ.get("SWA_DEVICE", str(report["device"]))
     check_target_builds(resolve_target(target), device)
     print(f"finding {report['id']}: {report.get('severity', 'FATAL')} {report['invariant']} in "

@@ -23,6 +23,7 @@ import properties.settings  # noqa: F401  registers our "ci" profile over Hypoth
 from canary.invariants import INVARIANTS, InvariantViolation, Name, Severity
 from properties.machines import AllocatorMachine, machine_classes
 from properties.targets import Factory, Target, as_target
+from properties.targets.isolated import IsolationError, TargetHung
 
 EXAMPLES_PER_RUN = 8
 
@@ -119,8 +120,9 @@ def finding_from(machine: str, error: BaseException, run_seed: int, seconds: flo
         invariant, severity = first.invariant, first.severity.value
         detail = "; ".join(v.explain() for v in error.violations)
         fired = list(dict.fromkeys(v.invariant for v in error.violations))
-    else:
-        invariant, severity = Name.CRASH, INVARIANTS[Name.CRASH].severity.value
+    else:  # the target raised, its process died (CRASH), or a call never returned (HANG)
+        invariant = Name.HANG if isinstance(error, TargetHung) else Name.CRASH
+        severity = INVARIANTS[invariant].severity.value
         detail = f"{type(error).__name__}: {error}"
         fired = [invariant]
     return Finding(machine, invariant, severity, detail, program, steps, run_seed, seconds, invariants=fired)
@@ -145,11 +147,14 @@ def run_check(
     machines: list[str] | None = None,
     progress: Callable[[CheckReport], None] | None = None,
     shrink: bool = True,
+    max_steps: int | None = None,
 ) -> CheckReport:
     """Run the machines round-robin until a violation or the budget; return what happened.
 
     shrink=False reports the first failing program as found: the finding's time is then the
-    time to detect, and its program is not minimal (shrinking usually takes far longer)."""
+    time to detect, and its program is not minimal (shrinking usually takes far longer).
+    max_steps bounds the rules of a program (default: the ci profile's); shorter programs shrink
+    in fewer replays, which matters when each failing replay waits out a call timeout (HANG)."""
     master = random.randrange(2**32) if seed is None else seed
     rng = random.Random(master)
     bound = as_target(target)
@@ -164,6 +169,7 @@ def run_check(
         database=None,
         phases=check_phases(shrink),
         report_multiple_bugs=False,
+        stateful_step_count=max_steps or settings.get_profile("ci").stateful_step_count,
     )
     started = time.monotonic()
     try:
@@ -173,6 +179,8 @@ def run_check(
                 machine = hypothesis_seed(run_seed)(bind_stats(classes[name], stats))
                 try:
                     run_state_machine_as_test(machine, settings=run_settings)
+                except IsolationError:  # the worker machinery failed, not the target
+                    raise
                 except Exception as error:  # any failure of the target is a finding, not a harness crash
                     report.finding = finding_from(name, error, run_seed, time.monotonic() - started)
                     report.finding.calls = stats.last_program

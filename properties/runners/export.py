@@ -323,7 +323,7 @@ class Export:
 
 
 def finding_kind(finding: Finding) -> str:
-    return "error" if finding.invariant == Name.CRASH else "violation"
+    return "error" if finding.invariant in (Name.CRASH, Name.HANG) else "violation"
 
 
 def export_finding(

@@ -18,6 +18,7 @@ from typing import Callable
 
 from canary.invariants import Name
 from properties.runners.check import CheckReport, run_check
+from properties.targets import resolve_target
 from properties.targets.mutants import MUTANTS, mutant_factory
 
 
@@ -162,15 +163,16 @@ def run_selfcheck(
     seed: int = 0,
     names: list[str] | None = None,
     progress: Callable[[MutantResult], None] | None = None,
+    isolate: bool = False,
 ) -> SelfCheckReport:
     """Check every mutant (or those named), without and with shrinking, and the reference,
-    each run for `budget` seconds with the same master seed."""
+    each run for `budget` seconds with the same master seed; isolate: each in a worker process."""
     unknown = sorted(set(names or ()) - set(MUTANTS))
     if unknown:
         raise KeyError(f"no mutant {', '.join(unknown)}; known: {', '.join(sorted(MUTANTS))}")
     results = []
     for name in names or list(MUTANTS):
-        factory = mutant_factory(name)
+        factory = resolve_target(f"mutant:{name}@") if isolate else mutant_factory(name)
         result = MutantResult.of(
             name,
             detected=run_check(factory, device, budget, seed, shrink=False),
@@ -179,5 +181,5 @@ def run_selfcheck(
         results.append(result)
         if progress is not None:
             progress(result)
-    reference = run_check("reference", device, budget, seed)
+    reference = run_check("reference@" if isolate else "reference", device, budget, seed)
     return SelfCheckReport(device, seed, budget, reference, results)

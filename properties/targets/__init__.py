@@ -6,8 +6,10 @@ target does not promise to handle and that its serving engine never makes; the m
 exactly those out, so every violation they report is one an engine can reach. The reference
 allocator takes the whole SPEC (no restriction).
 
-Built in: 'reference', 'sglang'. Any other `package.module:factory` is a target too; its
-contract is the factory's `contract` attribute if it has one, else the whole SPEC.
+Built in: 'reference', 'sglang', 'mutant:NAME' (properties/targets/mutants.py). Any other
+`package.module:factory` is a target too; its contract is the factory's `contract` attribute
+if it has one, else the whole SPEC. Any of them followed by '@PYTHON' runs in a worker process
+under that interpreter (properties/targets/isolated.py); '@' alone: under this one.
 """
 
 from __future__ import annotations
@@ -267,11 +269,25 @@ def check_target_builds(target: Target, device: str) -> None:
 
 
 def resolve_target(spec: str) -> Target:
-    """'reference', 'sglang', or 'package.module:factory'."""
+    """'reference', 'sglang', 'mutant:NAME' or 'package.module:factory', optionally followed
+    by '@PYTHON' (an interpreter or a virtual environment's directory; empty: this one) to run
+    it in a worker process there."""
+    inner, at, python = spec.partition("@")
+    if at:
+        from properties.targets.isolated import isolated_target
+
+        return isolated_target(inner, python, spec)
     if spec == "sglang":
         return sglang_target()
     if spec in BUILTIN_TARGETS:
         return BUILTIN_TARGETS[spec]
+    prefix, _colon, mutant = spec.partition(":")
+    if prefix == "mutant":
+        from properties.targets.mutants import MUTANTS, mutant_factory
+
+        if mutant not in MUTANTS:
+            raise TargetError(f"no mutant {mutant!r}; known: {', '.join(sorted(MUTANTS))}")
+        return as_target(mutant_factory(mutant), spec)
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
         raise TargetError(f"target {spec!r} is neither {sorted([*BUILTIN_TARGETS, 'sglang'])} nor 'module:factory'")

@@ -1,0 +1,472 @@
+"""Targets in their own process: `SPEC@PYTHON` runs target SPEC in a worker under PYTHON.
+
+PYTHON is an interpreter (`/path/to/venv/bin/python`), a virtual environment's directory
+(its `bin/python`), or nothing (`reference@`: this interpreter, as `--isolate` asks). The
+machines stay in the harness process and drive an `IsolatedAllocator`, which looks like an
+allocator to them, to the probes and to the driver, and forwards each call to a session
+process that holds the real allocator (properties/targets/worker_main.py). Every program runs
+in a fresh session, forked from a server that has torch and the target imported, so a
+program costs a fork, not an interpreter start.
+
+One round trip per allocator call: the reply carries the call's result and the state after
+it (mapping, both pools' free units, the three sizes, the free-group flag, the translation of
+every index), so the step's read-back costs nothing more. A session that dies during a call
+raises `TargetCrashed` (CRASH), one that does not answer within the call timeout is killed and
+raises `TargetHung` (HANG): findings like any other, shrunk by re-running shorter programs,
+each in a fresh session.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import signal
+import socket
+import subprocess
+import sys
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from properties.targets import AllocatorConfig, Target, TargetCapabilities, TargetContract, TargetError
+from properties.targets.wire import PROTOCOL, OnDevice, decode, encode, receive, send
+
+DEFAULT_CALL_TIMEOUT = 60.0
+"""Seconds one call may take before its session is killed as hung (SWA_CALL_TIMEOUT overrides)."""
+START_TIMEOUT = 300.0
+"""Seconds the worker may take to import torch and the target."""
+MAX_IDLE_SESSIONS = 4
+REPOSITORY = Path(__file__).resolve().parents[2]
+"""Holds `allocator`, `canary` and `properties`: put on the worker's PYTHONPATH."""
+
+
+class IsolationError(RuntimeError):
+    """The worker machinery itself failed (not the target): a harness problem."""
+
+
+class TargetCrashed(Exception):
+    """The target's process died during a call (a signal, an abort, os._exit)."""
+
+
+class TargetHung(Exception):
+    """A call did not return within the call timeout; its process was killed."""
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "ended"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def interpreter(python: str) -> str:
+    """The interpreter named after '@': this one when empty, DIR/bin/python for a directory."""
+    if not python:
+        return sys.executable
+    path = Path(python).expanduser()
+    if path.is_dir():
+        path = path / "bin" / "python"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise TargetError(f"no Python interpreter at {python!r} (give its path, or a virtual environment's directory)")
+    return str(path)
+
+
+def worker_environment() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH, unless the packages come from
+    an installed site-packages (which would put the harness's whole environment there)."""
+    env = dict(os.environ)
+    if REPOSITORY.name not in ("site-packages", "dist-packages"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPOSITORY), env.get("PYTHONPATH"))))
+    return env
+
+
+@dataclass
+class Session:
+    """One session process and the harness's end of its socket."""
+
+    sock: socket.socket
+    pid: int
+    alive: bool = True
+
+
+class WorkerServer:
+    """The harness's side of one fork server: starts it and hands out session processes.
+
+    A session is reused by the next program once its allocator is gone (the session builds a
+    new one), until any session of this server crashes or hangs: from then on every program
+    gets a fresh session, forked ahead of time, so that each shrinking step runs in a fresh
+    process and the minimal program is one that kills (or hangs) a fresh worker."""
+
+    def __init__(self, spec: str, python: str) -> None:
+        self.spec, self.python = spec, python
+        self.process: subprocess.Popen | None = None
+        self.idle: list[Session] = []
+        self.spare: socket.socket | None = None
+        self.spare_pid = 0
+        self.spare_requested = False
+        self.fresh_sessions = False
+        self.hello = self._start()
+
+    def _start(self) -> list[Any]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [self.python, "-m", "properties.targets.worker_main", str(theirs.fileno()), self.spec]
+        try:
+            self.process = subprocess.Popen(
+                command, pass_fds=(theirs.fileno(),), env=worker_environment(), stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        except OSError as error:
+            raise TargetError(f"cannot start {self.python}: {error}") from error
+        finally:
+            theirs.close()
+        self.control = ours
+        ours.settimeout(START_TIMEOUT)
+        hello = self._reply()
+        ours.settimeout(None)
+        where = f"the worker for {self.spec!r} under {self.python}"
+        if hello is None:
+            code = self.process.wait()
+            raise TargetError(f"{where} {describe_exit(code)} before it was ready (its error output is above)")
+        if hello[0] == "error":
+            raise TargetError(f"{where}: {hello[1]}")
+        if hello[0] != "hello" or hello[1] != PROTOCOL:
+            raise TargetError(f"{where} speaks protocol {hello[1:2]}, this harness {PROTOCOL}: run both from one checkout")
+        return hello
+
+    def _reply(self) -> list[Any] | None:
+        try:
+            data = self.control.recv(1 << 16)
+        except TimeoutError:
+            raise TargetError(f"the worker for {self.spec!r} did not start within {START_TIMEOUT:.0f}s") from None
+        except OSError:
+            return None
+        return decode(bytearray(data[4:])) if data else None
+
+    def _request(self, message: list[Any], fds: tuple[int, ...] = ()) -> list[Any]:
+        self._collect_spare()
+        try:
+            socket.send_fds(self.control, [encode(message)], list(fds))
+        except OSError as error:
+            raise IsolationError(f"the worker server for {self.spec!r} is gone: {error}") from error
+        reply = self._reply()
+        if reply is None:
+            raise IsolationError(f"the worker server for {self.spec!r} {describe_exit(self.process.poll())}")
+        return reply
+
+    def _request_spare(self) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            socket.send_fds(self.control, [encode(["fork"])], [theirs.fileno()])
+        except OSError as error:
+            raise IsolationError(f"the worker server for {self.spec!r} is gone: {error}") from error
+        finally:
+            theirs.close()
+        self.spare, self.spare_requested = ours, True
+
+    def _collect_spare(self) -> None:
+        if self.spare_requested:
+            self.spare_requested = False
+            reply = self._reply()
+            if reply is None or reply[0] != "forked":
+                raise IsolationError(f"the worker server for {self.spec!r} did not fork a session: {reply}")
+            self.spare_pid = reply[1]
+
+    def session(self) -> Session:
+        """An idle session, else a newly forked one (in fresh mode the next is forked meanwhile)."""
+        if self.idle and not self.fresh_sessions:
+            return self.idle.pop()
+        if self.spare is None:
+            self._request_spare()
+        self._collect_spare()
+        taken = Session(self.spare, self.spare_pid)
+        self.spare = None
+        if self.fresh_sessions:
+            self._request_spare()
+        return taken
+
+    def release(self, session: Session) -> None:
+        """A session whose allocator is gone: kept for the next program, or ended."""
+        if not session.alive:
+            return
+        if self.fresh_sessions or len(self.idle) >= MAX_IDLE_SESSIONS or self.process is None:
+            session.sock.close()
+        else:
+            self.idle.append(session)
+
+    def exit_code(self, pid: int) -> int:
+        """Kill session `pid` if it still runs, and return how it ended (negative: a signal).
+        From now on every program gets a fresh session."""
+        self.fresh_sessions = True
+        for session in self.idle:
+            session.sock.close()
+        self.idle.clear()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self._request(["status", pid])[1]
+
+    def close(self) -> None:
+        if self.process is not None:
+            for session in self.idle:
+                session.sock.close()
+            self.idle.clear()
+            self.control.close()
+            if self.spare is not None:
+                self.spare.close()
+            self.process.wait()
+            self.process = None
+
+
+class ReadBack:
+    """The state a session sent with its last reply, unpacked when first read."""
+
+    def __init__(self) -> None:
+        self.raw: Any = None
+        self.parts: tuple[torch.Tensor, ...] = ()
+        self.sizes: list[int] = []
+        self.group_open = False
+
+    def keep(self, raw: Any) -> None:
+        self.raw, self.parts = raw, ()
+
+    def read(self) -> tuple[torch.Tensor, ...]:
+        """(mapping, full free units, SWA free units, translation of every index); raises what
+        reading the state raised in the session."""
+        if not self.parts:
+            if isinstance(self.raw, list):
+                raise _rebuilt(*self.raw)
+            head = self.raw[:8].tolist()
+            self.sizes, self.group_open = head[:3], bool(head[3])
+            self.parts = tuple(torch.split(self.raw[8:], head[4:]))
+        return self.parts
+
+
+class _PoolView:
+    """What the probes read of one pool: its free units, as of the last call."""
+
+    def __init__(self, read_back: ReadBack, index: int) -> None:
+        self.read_back, self.index = read_back, index
+
+    def get_all_free_pages(self) -> torch.Tensor:
+        return self.read_back.read()[self.index]
+
+
+class RemoteState:
+    """A backup_state() kept in the session; restore_state takes it back."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+
+class IsolatedAllocator:
+    """A SPEC §1 allocator whose calls run in a session process. Its state, as of the last
+    call, is on the CPU: mapping, free units and sizes are read from it, not from the session."""
+
+    def __init__(self, server: WorkerServer, config: AllocatorConfig, call_timeout: float) -> None:
+        self.server, self.call_timeout, self.device = server, call_timeout, config.device
+        self.session: Session | None = server.session()
+        self.session.sock.settimeout(call_timeout)
+        # Gives the session back once this allocator is gone; a finalizer, not __del__, so the
+        # session stays out of any garbage cycle the allocator is part of.
+        self.close = weakref.finalize(self, server.release, self.session)
+        self.read_back = ReadBack()
+        self.full_attn_allocator, self.swa_attn_allocator = _PoolView(self.read_back, 1), _PoolView(self.read_back, 2)
+        build = ["build", config.size, config.size_swa, config.page_size, config.device, config.need_sort, str(config.dtype).removeprefix("torch.")]
+        ready = self._exchange(build, "__init__")
+        self.has_backup, self.page_size, self.size_full, self.size_swa, state = ready[1:]
+        self.size = self.size_full
+        self.read_back.keep(state)
+
+    # ---------------------------------------------------------------- exchanging
+    def _exchange(self, message: list[Any], what: str) -> list[Any]:
+        """Send one request, return the reply; raise what the target raised, or TargetCrashed /
+        TargetHung when its process dies or does not answer."""
+        if self.session is None:
+            raise TargetCrashed(f"the target's process is gone (an earlier call ended it); {what} was not made")
+        try:
+            send(self.session.sock, message)
+            reply = receive(self.session.sock, "cpu")
+        except TimeoutError:
+            code = self._end()
+            raise TargetHung(f"{what} did not return within {self.call_timeout:g}s; the target's process {describe_exit(code)}") from None
+        except OSError:
+            reply = None
+        except BaseException:  # interrupted mid-call (Ctrl-C, a campaign stopping): the session is unusable
+            self._end()
+            raise
+        if reply is None:
+            code = self._end()
+            raise TargetCrashed(f"the target's process {describe_exit(code)} during {what}")
+        if reply[0] == "raised":
+            if len(reply) > 3:
+                self.read_back.keep(reply[3])
+            raise _rebuilt(reply[1], reply[2])
+        return reply
+
+    def _end(self) -> int | None:
+        """The session is dead or unusable: end it and say how it ended."""
+        session, self.session = self.session, None
+        if session is None:
+            return None
+        session.alive = False
+        session.sock.close()
+        try:
+            return self.server.exit_code(session.pid)
+        except IsolationError:
+            return None
+
+    def _call(self, method: str, *args: Any) -> Any:
+        what = f"{method}()" if not args else f"{method}(...)"
+        wire_args = [OnDevice(arg) if isinstance(arg, torch.Tensor) and arg.device.type != "cpu" else arg for arg in args]
+        _ok, result, state = self._exchange(["call", method, *wire_args], what)
+        self.read_back.keep(state)
+        return result.to(self.device) if isinstance(result, torch.Tensor) and self.device != "cpu" else result
+
+    # ------------------------------------------------------------ state read-back
+    @property
+    def full_to_swa_index_mapping(self) -> torch.Tensor:
+        return self.read_back.read()[0]
+
+    @property
+    def in_free_group(self) -> bool:
+        self.read_back.read()
+        return self.read_back.group_open
+
+    def full_available_size(self) -> int:
+        self.read_back.read()
+        return self.read_back.sizes[0]
+
+    def swa_available_size(self) -> int:
+        self.read_back.read()
+        return self.read_back.sizes[1]
+
+    def available_size(self) -> int:
+        self.read_back.read()
+        return self.read_back.sizes[2]
+
+    def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
+        """From the last call's translation of every index when that is what is asked (the
+        per-step check), else from the session."""
+        mapping, _full_free, _swa_free, translated = self.read_back.read()
+        mapping_length = mapping.numel()
+        every = kv_indices.numel() == mapping_length and kv_indices.device.type == "cpu"
+        if every and torch.equal(kv_indices, torch.arange(-1, mapping_length - 1)):
+            return translated
+        _ok, result = self._exchange(["query", "translate_loc_from_full_to_swa", OnDevice(kv_indices)], "translate_loc_from_full_to_swa(...)")
+        return result
+
+    # ---------------------------------------------------------------- the calls
+    def alloc(self, need_size: int) -> torch.Tensor | None:
+        return self._call("alloc", need_size)
+
+    def alloc_extend(self, *args: Any) -> torch.Tensor | None:
+        return self._call("alloc_extend", *args)
+
+    def alloc_decode(self, *args: Any) -> torch.Tensor | None:
+        return self._call("alloc_decode", *args)
+
+    def alloc_extend_swa_tail(self, *args: Any) -> torch.Tensor | None:
+        return self._call("alloc_extend_swa_tail", *args)
+
+    def free(self, free_index: torch.Tensor) -> None:
+        self._call("free", free_index)
+
+    def free_swa(self, free_index: torch.Tensor) -> None:
+        self._call("free_swa", free_index)
+
+    def free_full(self, free_index: torch.Tensor) -> None:
+        self._call("free_full", free_index)
+
+    def free_group_begin(self) -> None:
+        self._call("free_group_begin")
+
+    def free_group_end(self) -> None:
+        self._call("free_group_end")
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    @property
+    def backup_state(self) -> Callable[[], RemoteState]:
+        """The target's backup_state; absent (AttributeError) when it has none."""
+        if not self.has_backup:
+            raise AttributeError("the target has no backup_state / restore_state")
+        return self._backup_state
+
+    @property
+    def restore_state(self) -> Callable[[RemoteState], None]:
+        if not self.has_backup:
+            raise AttributeError("the target has no backup_state / restore_state")
+        return self._restore_state
+
+    def _backup_state(self) -> RemoteState:
+        _ok, handle, state = self._exchange(["backup"], "backup_state()")
+        self.read_back.keep(state)
+        return RemoteState(handle)
+
+    def _restore_state(self, state: RemoteState) -> None:
+        _ok, _none, read_back = self._exchange(["restore", state.handle], "restore_state(...)")
+        self.read_back.keep(read_back)
+
+
+class RemoteError(Exception):
+    """An exception the target raised whose type is not a builtin one: its type's name leads."""
+
+
+def _rebuilt(type_name: str, message: str) -> Exception:
+    """The target's exception, as its builtin type when it has one."""
+    kind = getattr(builtins, type_name, None)
+    if isinstance(kind, type) and issubclass(kind, Exception) and kind is not RemoteError:
+        try:
+            return kind(message)
+        except Exception:  # an exception type whose constructor wants more
+            pass
+    return RemoteError(f"{type_name}: {message}")
+
+
+# ---------------------------------------------------------------- targets
+_SERVERS: dict[tuple[str, str], WorkerServer] = {}
+
+
+def call_timeout() -> float:
+    """SWA_CALL_TIMEOUT, else DEFAULT_CALL_TIMEOUT."""
+    text = os.environ.get("SWA_CALL_TIMEOUT", "")
+    try:
+        value = float(text) if text else DEFAULT_CALL_TIMEOUT
+    except ValueError:
+        raise TargetError(f"SWA_CALL_TIMEOUT={text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise TargetError(f"SWA_CALL_TIMEOUT={text!r} must be positive")
+    return value
+
+
+def isolated_target(spec: str, python: str, name: str) -> Target:
+    """Target `spec` (no '@') run in a worker under `python` ('' for this interpreter); one
+    worker server per (spec, python) in this process. Raises TargetError when it cannot start
+    or the worker cannot resolve `spec`."""
+    if not spec:
+        raise TargetError(f"target {name!r} names no target before '@'")
+    executable = interpreter(python)
+    timeout = call_timeout()
+    key = (spec, executable)
+    if key not in _SERVERS:
+        _SERVERS[key] = WorkerServer(spec, executable)
+    server = _SERVERS[key]
+    contract = TargetContract(**{restriction: True for restriction in server.hello[3]})
+    capabilities = TargetCapabilities(**{capability: False for capability in server.hello[4]})
+    factory: Callable[[AllocatorConfig], IsolatedAllocator] = lambda config: IsolatedAllocator(server, config, timeout)  # noqa: E731
+    factory.__name__ = name
+    return Target(name, factory, contract, capabilities)
+
+
+def close_servers() -> None:
+    """Stop every worker server this process started."""
+    while _SERVERS:
+        _SERVERS.popitem()[1].close()

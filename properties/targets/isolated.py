@@ -19,6 +19,7 @@ each in a fresh session.
 from __future__ import annotations
 
 import builtins
+import functools
 import os
 import signal
 import socket
@@ -39,6 +40,11 @@ DEFAULT_CALL_TIMEOUT = 60.0
 START_TIMEOUT = 300.0
 """Seconds the worker may take to import torch and the target."""
 MAX_IDLE_SESSIONS = 4
+CALLS = frozenset(("alloc", "alloc_extend", "alloc_decode", "alloc_extend_swa_tail", "free", "free_swa", "free_full",
+                   "free_group_begin", "free_group_end", "clear"))
+"""The calls forwarded as they are (backup_state / restore_state pass a handle instead)."""
+HEAD = 9
+"""Numbers before the tensors of a state read-back (worker_main's docstring)."""
 REPOSITORY = Path(__file__).resolve().parents[2]
 """Holds `allocator`, `canary` and `properties`: put on the worker's PYTHONPATH."""
 
@@ -232,6 +238,7 @@ class ReadBack:
         self.parts: tuple[torch.Tensor, ...] = ()
         self.sizes: list[int] = []
         self.group_open = False
+        self.first = -1
 
     def keep(self, raw: Any) -> None:
         self.raw, self.parts = raw, ()
@@ -242,9 +249,9 @@ class ReadBack:
         if not self.parts:
             if isinstance(self.raw, list):
                 raise _rebuilt(*self.raw)
-            head = self.raw[:8].tolist()
-            self.sizes, self.group_open = head[:3], bool(head[3])
-            self.parts = tuple(torch.split(self.raw[8:], head[4:]))
+            head = self.raw[:HEAD].tolist()
+            self.sizes, self.group_open, self.first = head[:3], bool(head[3]), head[4]
+            self.parts = tuple(torch.split(self.raw[HEAD:], head[5:]))
         return self.parts
 
 
@@ -280,7 +287,8 @@ class IsolatedAllocator:
         self.full_attn_allocator, self.swa_attn_allocator = _PoolView(self.read_back, 1), _PoolView(self.read_back, 2)
         build = ["build", config.size, config.size_swa, config.page_size, config.device, config.need_sort, str(config.dtype).removeprefix("torch.")]
         ready = self._exchange(build, "__init__")
-        self.has_backup, self.page_size, self.size_full, self.size_swa, state = ready[1:]
+        methods, self.mapping_layout, self.page_size, self.size_full, self.size_swa, state = ready[1:]
+        self.methods = frozenset(methods)
         self.size = self.size_full
         self.read_back.keep(state)
 
@@ -349,61 +357,39 @@ class IsolatedAllocator:
 
     def available_size(self) -> int:
         self.read_back.read()
+        if self.read_back.sizes[2] < 0:
+            raise NotImplementedError("the target's available_size() is not implemented")
         return self.read_back.sizes[2]
 
     def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
         """From the last call's translation of every index when that is what is asked (the
         per-step check), else from the session."""
-        mapping, _full_free, _swa_free, translated = self.read_back.read()
-        mapping_length = mapping.numel()
-        every = kv_indices.numel() == mapping_length and kv_indices.device.type == "cpu"
-        if every and torch.equal(kv_indices, torch.arange(-1, mapping_length - 1)):
-            return translated
+        translated = self.read_back.read()[3]
+        first, count = self.read_back.first, translated.numel()
+        if kv_indices.numel() == count and kv_indices.device.type == "cpu":
+            if torch.equal(kv_indices, torch.arange(first, first + count)):
+                return translated
         _ok, result = self._exchange(["query", "translate_loc_from_full_to_swa", OnDevice(kv_indices)], "translate_loc_from_full_to_swa(...)")
         return result
 
     # ---------------------------------------------------------------- the calls
-    def alloc(self, need_size: int) -> torch.Tensor | None:
-        return self._call("alloc", need_size)
-
-    def alloc_extend(self, *args: Any) -> torch.Tensor | None:
-        return self._call("alloc_extend", *args)
-
-    def alloc_decode(self, *args: Any) -> torch.Tensor | None:
-        return self._call("alloc_decode", *args)
-
-    def alloc_extend_swa_tail(self, *args: Any) -> torch.Tensor | None:
-        return self._call("alloc_extend_swa_tail", *args)
-
-    def free(self, free_index: torch.Tensor) -> None:
-        self._call("free", free_index)
-
-    def free_swa(self, free_index: torch.Tensor) -> None:
-        self._call("free_swa", free_index)
-
-    def free_full(self, free_index: torch.Tensor) -> None:
-        self._call("free_full", free_index)
-
-    def free_group_begin(self) -> None:
-        self._call("free_group_begin")
-
-    def free_group_end(self) -> None:
-        self._call("free_group_end")
-
-    def clear(self) -> None:
-        self._call("clear")
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        """The SPEC calls the target's allocator has (so hasattr answers as it would)."""
+        if name in CALLS and name in self.__dict__.get("methods", ()):
+            return functools.partial(self._call, name)
+        raise AttributeError(f"{type(self).__name__} of this target has no attribute {name!r}")
 
     @property
     def backup_state(self) -> Callable[[], RemoteState]:
         """The target's backup_state; absent (AttributeError) when it has none."""
-        if not self.has_backup:
-            raise AttributeError("the target has no backup_state / restore_state")
+        if "backup_state" not in self.methods:
+            raise AttributeError("the target has no backup_state")
         return self._backup_state
 
     @property
     def restore_state(self) -> Callable[[RemoteState], None]:
-        if not self.has_backup:
-            raise AttributeError("the target has no backup_state / restore_state")
+        if "restore_state" not in self.methods:
+            raise AttributeError("the target has no restore_state")
         return self._restore_state
 
     def _backup_state(self) -> RemoteState:

@@ -14,16 +14,18 @@ What the environment needs: torch and the target's own package; this repository'
 (or from `pip install --no-deps -e /path/to/swa-canary` there). No Hypothesis, no pytest.
 
 Session messages (properties/targets/wire.py), harness first:
-    build SIZE SIZE_SWA PAGE_SIZE DEVICE NEED_SORT DTYPE  -> ready HAS_BACKUP PAGE_SIZE SIZE SIZE_SWA STATE
+    build SIZE SIZE_SWA PAGE_SIZE DEVICE NEED_SORT DTYPE  -> ready METHODS LAYOUT PAGE_SIZE SIZE SIZE_SWA STATE
     call METHOD ARGS...                                  -> ok RESULT STATE | raised TYPE MESSAGE STATE
     query METHOD ARGS...                                 -> ok RESULT | raised TYPE MESSAGE
     backup                                               -> ok HANDLE STATE | raised ...
     restore HANDLE                                       -> ok None STATE | raised ...
-STATE is the state after the call, read the way the probes read it (canary.probes.AllocatorView):
-one int64 tensor [full_available, swa_available, available, in_free_group, len(mapping),
-len(full_free), len(swa_free), len(translated), mapping, full_free, swa_free, translated],
-where translated is translate_loc_from_full_to_swa(arange(-1, len(mapping) - 1)); or, when
-reading the state raised, the list [TYPE, MESSAGE].
+METHODS are the SPEC calls the allocator has, LAYOUT its mapping_layout. STATE is the state after
+the call, read the way the probes read it (canary.probes.AllocatorView): one int64 tensor
+[full_available, swa_available, available (-1: available_size() is not implemented),
+in_free_group, first, len(mapping), len(full_free), len(swa_free), len(translated), mapping
+(as the allocator holds it), full_free, swa_free, translated], where translated is
+translate_loc_from_full_to_swa(arange(first, tokens + page_size)) and first is -1 (0 for a
+mapping without a sentinel); or, when reading the state raised, the list [TYPE, MESSAGE].
 """
 
 from __future__ import annotations
@@ -39,11 +41,16 @@ from typing import Any
 
 import torch
 
-from canary.probes import AllocatorView
+from canary.probes import AllocatorView, MappingLayout
 from properties.targets import AllocatorConfig, Target, resolve_target
 from properties.targets.wire import PROTOCOL, decode, encode, receive, send
 
 PR_SET_PDEATHSIG = 1
+SPEC_CALLS = (
+    "alloc", "alloc_extend", "alloc_decode", "alloc_extend_swa_tail", "free", "free_swa", "free_full",
+    "free_group_begin", "free_group_end", "clear", "backup_state", "restore_state",
+)
+"""The SPEC §1 calls; the harness's proxy has those of them the allocator has."""
 KEPT_EXIT_CODES = 1024
 
 
@@ -63,10 +70,13 @@ def read_state(allocator: Any) -> Any:
     """The allocator's state as one int64 tensor (module docstring), or [TYPE, MESSAGE]."""
     try:
         view = AllocatorView.of(allocator)
-        every_index = torch.arange(-1, view.mapping.numel() - 1, device=view.mapping.device)
+        # Without a sentinel (a padded mapping) translating -1 is no call the allocator takes.
+        first = 0 if "SENTINEL" in view.inapplicable else -1
+        every_index = torch.arange(first, view.mapping.numel() - 1, device=view.mapping.device)
         translated = allocator.translate_loc_from_full_to_swa(every_index).reshape(-1).to(torch.int64)
-        parts = (view.mapping, view.full_free, view.swa_free, translated)
-        head = [view.full_available, view.swa_available, view.available, int(view.in_free_group)]
+        parts = (allocator.full_to_swa_index_mapping.to(torch.int64), view.full_free, view.swa_free, translated)
+        available = -1 if "AVAIL" in view.inapplicable else view.available
+        head = [view.full_available, view.swa_available, available, int(view.in_free_group), first]
         head += [part.numel() for part in parts]
         device = view.mapping.device
         return torch.cat([torch.tensor(head, dtype=torch.int64, device=device), *(part.to(device) for part in parts)])
@@ -116,9 +126,11 @@ class Session:
         except Exception as error:  # a target that cannot be built is a finding, as in process
             return _raised(error)
         allocator = self.allocator
-        has_backup = callable(getattr(allocator, "backup_state", None)) and callable(getattr(allocator, "restore_state", None))
-        sizes = [_plain_int(getattr(allocator, "size_full", None) or getattr(allocator, "size", size)), _plain_int(getattr(allocator, "size_swa", size_swa))]
-        return ["ready", has_backup, _plain_int(getattr(allocator, "page_size", page_size)), *sizes, read_state(allocator)]
+        methods = [method for method in SPEC_CALLS if callable(getattr(allocator, method, None))]
+        layout = str(getattr(allocator, "mapping_layout", MappingLayout.SENTINEL))
+        sizes = [getattr(allocator, "size_full", None) or getattr(allocator, "size", size), getattr(allocator, "size_swa", size_swa)]
+        page = getattr(allocator, "page_size", page_size)
+        return ["ready", methods, layout, *(_plain_int(value) for value in (page, *sizes)), read_state(allocator)]
 
 
 def _plain_int(value: Any) -> int:

@@ -169,4 +169,6 @@ def test_the_command_line_isolates_and_exits_by_the_contract(capsys: pytest.Capt
                  "--budget", "2", "--seed", "1"]) == EXIT_CLEAN
     assert f"against reference@{sys.executable} vs reference@ on cpu" in capsys.readouterr().out
     assert main(["check", "--target", "reference@/no/such/python", "--budget", "1"]) == EXIT_USAGE
-    assert main(["check", "--isolate", "--call-timeout", "0", "--budget", "1"]) == EXIT_USAGE
+    with pytest.raises(SystemExit) as bad_timeout:
+        main(["check", "--isolate", "--call-timeout", "0", "--budget", "1"])
+    assert bad_timeout.value.code == EXIT_USAGE

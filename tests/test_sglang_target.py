@@ -62,7 +62,7 @@ def test_each_restriction_hides_a_deviation(
     restriction: str, machines: list[str], invariant: str, swa_device: torch.device
 ) -> None:
     target = with_contract_changes(resolve_target("sglang"), relax=[restriction])
-    report = run_check(target, swa_device.type, budget=120, seed=1, machines=machines, shrink=False)
+    report = run_check(target, swa_device.type, budget=120, seed=4, machines=machines, shrink=False)
     assert report.finding is not None, f"relaxing {restriction} found nothing"
     assert invariant in report.finding.invariants, report.finding.explain()
 

@@ -35,6 +35,7 @@ from hypothesis.statistics import collector
 from properties.campaign.database import DatabaseSpec
 from properties.campaign.database import health as database_health
 from properties.machines import AllocatorMachine, machine_classes
+from properties.machines.reach import count_events
 from properties.runners.check import Stats, bind_stats, finding_from
 from properties.runners.export import export_finding
 from properties.settings import prepare_process
@@ -91,18 +92,6 @@ def run_machine(
     except Exception as error:  # any failure of the target is a finding, not a worker crash
         return error
     return None
-
-
-HYPOTHESIS_EVENT_PREFIXES = ("Retried draw from", "Aborted test because", "gave up because")
-"""Hypothesis's own events (they name rules by memory address): not coverage of the machines."""
-
-
-def count_events(statistics: dict, into: Counter) -> None:
-    """Add the machines' events of every test case in Hypothesis's statistics of one run."""
-    for phase in statistics.values():
-        if isinstance(phase, dict):
-            for case in phase.get("test-cases", ()):
-                into.update(event for event in case.get("events", ()) if not event.startswith(HYPOTHESIS_EVENT_PREFIXES))
 
 
 class Reporter:

@@ -30,6 +30,7 @@ from hypothesis.stateful import (
 )
 
 from canary.invariants import InvariantViolation
+from properties.machines import reach
 from properties.machines.driver import AllocatorDriver
 from properties.machines.incremental import StepCheck
 from properties.machines.model import Request, SWAModel
@@ -112,6 +113,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.expectation = Expectation("__init__")
         self.step_check = StepCheck(self.allocator, self.driver)
         self.failed = False
+        self.allocated_in_group: set[int] = set()
+        """Full slots allocated since the open free group began."""
 
     def allows(self, pattern: str) -> bool:
         """Whether a rule may make calls of `pattern` (a CALL_PATTERNS key) on this target."""
@@ -135,29 +138,59 @@ class AllocatorMachine(RuleBasedStateMachine):
         if expected is None:
             full, swa = self.model.full.available(), self.model.swa.available()
             event("allocation failed: SWA pool ran out first" if swa < full else "allocation failed: full pool exhausted")
+            return None
+        if self.model.full.available() == 0:
+            event(reach.FILLED_FULL_POOL)
+        if self.model.swa.available() == 0:
+            event(reach.FILLED_SWA_POOL)
+        if self.model.in_group:
+            self.allocated_in_group.update(expected)
         return expected
 
-    def release(self, method: str, tokens: list[int]) -> None:
-        """One free, free_swa or free_full call, made on the allocator and the model."""
+    def release(self, method: str, tokens: list[int], owned: list[int] | None = None) -> None:
+        """One free, free_swa or free_full call, made on the allocator and the model.
+
+        Args:
+            method: "free", "free_swa" or "free_full".
+            tokens: the full slots the call names.
+            owned: the live slots the call is meant to release, when it names only part of
+                their pages (`tokens` is then a subset of `owned`).
+        """
         self.driver.call(method, tokens)
         getattr(self.model, method)(tokens)
         self.expectation = Expectation(method)
+        if owned is not None and len(tokens) < len(owned):
+            event(reach.labelled(reach.PART_OF_A_PAGE, method))
+        if method != "free_swa" and self.model.in_group and not self.allocated_in_group.isdisjoint(owned or tokens):
+            event(reach.ALLOC_AND_FREE_IN_ONE_GROUP)
 
-    def end_tokens(self, tokens: list[int], released: int, ending: str) -> None:
+    def end_tokens(self, tokens: list[int], released: int, ending: str, offsets: frozenset[int] | None = None) -> None:
         """Release every slot of a request or holding whose first `released` tokens no longer
-        hold SWA peers, the way `ending` (one of ENDINGS) says."""
+        hold SWA peers, the way `ending` (one of ENDINGS) says. With `offsets` (page size > 1,
+        `released` a page boundary), each call names of each page only the tokens at those
+        offsets (all of them where it has none there): freeing any token frees the page."""
         if not self.allows("free_full"):
             ending = "free"
         elif ending == "free" and released and self.model.page_size == 1 and not self.allows("free_of_released_swa_peers_at_ps1"):
             ending = "free_full_then_free"
         if ending == "free":
-            self.release("free", tokens)
+            calls = [("free", tokens)]
         elif ending == "free_swa_then_full":
-            self.release("free_swa", tokens[released:])
-            self.release("free_full", tokens)
+            calls = [("free_swa", tokens[released:]), ("free_full", tokens)]
         else:
-            self.release("free_full", tokens[:released])
-            self.release("free", tokens[released:])
+            calls = [("free_full", tokens[:released]), ("free", tokens[released:])]
+        for method, span in calls:
+            if offsets is None:
+                self.release(method, span)
+            else:
+                self.release(method, self.part_of_each_page(span, offsets), span)
+
+    def part_of_each_page(self, tokens: list[int], offsets: frozenset[int]) -> list[int]:
+        """Of page-aligned `tokens`, those at `offsets` within their page, or a page's every
+        token where none of it is at those offsets."""
+        ps = self.model.page_size
+        pages = [tokens[start : start + ps] for start in range(0, len(tokens), ps)]
+        return [token for page in pages for token in ([t for i, t in enumerate(page) if i in offsets] or page)]
 
     def new_handle(self, holding: object) -> int:
         self.next_handle += 1
@@ -202,6 +235,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def free_group_begin(self) -> None:
         self.driver.call("free_group_begin")
         self.model.group_begin()
+        self.allocated_in_group = set()
         self.expectation = Expectation("free_group_begin")
 
     @precondition(lambda self: self.allows("free_group") and self.model.in_group)
@@ -219,6 +253,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         """A nested free_group_begin, or a free_group_end with no group open, must raise and
         change nothing (a drifting group flag drops or re-releases deferred frees)."""
         call, where = ("free_group_begin", "inside") if self.model.in_group else ("free_group_end", "outside")
+        if call == "free_group_end" and self.driver.log and self.driver.log[-1]["call"] == "free_group_end":
+            event(reach.DOUBLE_GROUP_END)
+        if call == "free_group_begin" and (self.model.full.pending or self.model.swa.pending):
+            event(reach.NESTED_BEGIN_WITH_PENDING_FREES)
         try:
             self.driver.call(call)
         except InvariantViolation:  # a differential target's two sides disagreed on the call
@@ -255,6 +293,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         programs build up deep states; drawn at every step it undid most of them."""
         if now:
             return
+        if self.model.in_group:
+            event(reach.CLEAR_IN_GROUP)
         self.driver.call("clear")
         self.model.clear()
         self.handles.clear()

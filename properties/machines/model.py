@@ -269,10 +269,13 @@ class SWAModel:
 
 @dataclass
 class Request:
-    """A live request: the full slot of each position, and how far the window has evicted."""
+    """A live request: the full slot of each position, how far the window has evicted, and
+    where its SWA slots start after a tail-only extension that left the positions before
+    `swa_from` without SWA slots (a tail shorter than the window)."""
 
     tokens: list[int]
     evict_floor: int = 0
+    swa_from: int = 0
 
     @property
     def seq_len(self) -> int:
@@ -283,8 +286,13 @@ class Request:
         return self.tokens[-1] if self.tokens else -1
 
     def window_start(self, window: int) -> int:
-        """First position that must keep its SWA slot."""
+        """First position of the sliding window."""
         return max(0, self.seq_len - window)
+
+    def needs_swa_from(self, window: int) -> int:
+        """First position that must hold an SWA slot: the window's, or later where a tail-only
+        extension gave SWA slots to fewer tokens than the window spans."""
+        return max(self.window_start(window), self.swa_from)
 
     def evict_boundary(self, window: int, page_size: int) -> int:
         """Positions before this may be released with free_swa (window start, floored to a page)."""

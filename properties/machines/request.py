@@ -26,6 +26,7 @@ from hypothesis.stateful import (
 )
 from hypothesis.strategies import SearchStrategy
 
+from properties.machines import reach
 from properties.machines.base import ENDINGS, AllocatorMachine
 from properties.machines.model import Request, ceil_div
 
@@ -42,7 +43,11 @@ CHUNKS = per_page_size(lambda ps: st.integers(1, 3 * ps + 3))
 """Tokens a prefill chunk adds: up to three pages and a bit."""
 WINDOWS = per_page_size(lambda ps: st.integers(1, 3 * ps + 2))
 SHORT_OF_PAGE = per_page_size(lambda ps: st.integers(0, ps - 1))
-TAIL_SLACK = per_page_size(lambda ps: st.integers(0, 2 * ps))
+TAILS = per_page_size(lambda ps: st.integers(0, 3 * ps + 3))
+"""alloc_extend_swa_tail's tail (capped at the extension's length): from 0, at every offset."""
+PAGE_OFFSETS = per_page_size(lambda ps: st.frozensets(st.integers(0, ps - 1), min_size=1, max_size=ps - 1))
+"""Some, not all, of a page's token offsets (page size > 1)."""
+POOLS = st.sampled_from(("full", "swa"))
 
 
 class RequestMachine(AllocatorMachine):
@@ -64,8 +69,14 @@ class RequestMachine(AllocatorMachine):
         return list(self.handles.values())
 
     def live(self, handles: list[int]) -> list[Request]:
-        """The requests behind `handles` that are still live, each once."""
-        return [self.handles[h] for h in dict.fromkeys(handles) if h in self.handles]
+        """The requests behind `handles` that are still live and can grow, each once."""
+        return [self.handles[h] for h in dict.fromkeys(handles) if h in self.handles and self.can_grow(self.handles[h])]
+
+    def can_grow(self, request: Request) -> bool:
+        """Whether the request may be extended: its last token has the SWA peer that the SWA
+        side continues from (after a tail of 0 it has none: its translated last_loc, 0, fails
+        the contiguity precondition on the SWA pool)."""
+        return not request.tokens or self.model.translate(request.last_loc) > 0
 
     def has_requests(self) -> bool:
         """A rule drawing a list of requests needs one to draw (Hypothesis checks only plain
@@ -136,7 +147,7 @@ class RequestMachine(AllocatorMachine):
         batch decodes one token."""
         for request in list(self.handles.values()):
             self.evict(request, 0)
-        self.decode_batch(list(self.handles.values()))
+        self.decode_batch([request for request in self.handles.values() if self.can_grow(request)])
 
     @precondition(has_requests)
     @rule(picks=st.lists(requests, min_size=1, max_size=4))
@@ -159,6 +170,16 @@ class RequestMachine(AllocatorMachine):
         request = self.handles.pop(pick, None)
         if request is not None and request.tokens:
             self.end_tokens(request.tokens, request.evict_floor, ending)
+
+    @rule(target=requests, pool=POOLS, short=SHORT_OF_PAGE)
+    def admit_filling_pool(self, pool: str, short: int):
+        """Admit one request as long as `pool`'s free space, less `short` tokens of its last
+        page: the allocation takes every free page of that pool if the other can serve it."""
+        length = getattr(self.model, pool).available() - short
+        request = Request([])
+        if length <= 0 or not self.extend([request], [length]):
+            return multiple()
+        return self.new_handle(request)
 
 
 class PagedRequestMachine(RequestMachine):
@@ -186,16 +207,17 @@ class PagedRequestMachine(RequestMachine):
         for request, slot in zip(live, slots or ()):
             request.tokens.append(slot)
 
-    def extend_tail(self, request: Request, length: int, slack: int) -> bool:
-        """Extend by `length` tokens with SWA slots for the window and `slack` more; a
-        contract that wants the tail page aligned gets its start floored to a page (or
-        moved up to the first page boundary past the prefix). False: no call, or it failed."""
+    def extend_tail(self, request: Request, length: int, tail: int) -> bool:
+        """Extend by `length` tokens, SWA slots only for the last `tail` (at most `length`).
+        A contract that wants the tail page aligned gets one covering the window too, its
+        start floored to a page (or moved up to the first page boundary past the prefix).
+        False: no call, or it failed."""
         ps = self.page_size
         prefix, seq, last = request.seq_len, request.seq_len + length, request.last_loc
-        in_window = min(self.window, length)
-        tail = min(length, in_window + slack)
+        tail = min(tail, length)
         if not self.allows("unaligned_swa_tail"):
-            start = (seq - tail) // ps * ps
+            in_window = min(self.window, length)
+            start = (seq - max(tail, in_window)) // ps * ps
             if start < prefix:
                 start = ceil_div(prefix, ps) * ps
             if start > seq - in_window:
@@ -206,28 +228,42 @@ class PagedRequestMachine(RequestMachine):
         expected = self.model.alloc_extend_swa_tail(prefix, seq, last, tail)
         args = ([prefix], [prefix], [seq], [seq], [last], length, tail)
         slots = self.allocate("alloc_extend_swa_tail", args, expected, live_before)
+        event(reach.labelled(reach.SWA_TAIL_LENGTH, tail if tail <= ps else "over a page"))
+        event(reach.labelled(reach.SWA_TAIL_OFFSET, (seq - tail) % ps))
         if slots is None:
             return False
         if prefix == 0:
             request.evict_floor = (seq - tail) // ps * ps
+        if tail < length:
+            request.swa_from = seq - tail
         request.tokens += slots
         return True
 
     @precondition(lambda self: self.allows("swa_tail"))
-    @rule(target=RequestMachine.requests, length=CHUNKS, slack=TAIL_SLACK)
-    def admit_swa_tail(self, length: int, slack: int):
-        """Admit a request whose SWA slots cover only its window tail."""
+    @rule(target=RequestMachine.requests, length=CHUNKS, tail=TAILS)
+    def admit_swa_tail(self, length: int, tail: int):
+        """Admit a request whose SWA slots cover only its last `tail` tokens."""
         request = Request([])
-        if not self.extend_tail(request, length, slack):
+        if not self.extend_tail(request, length, tail):
             return multiple()
         return self.new_handle(request)
 
     @precondition(lambda self: self.allows("swa_tail"))
-    @rule(pick=RequestMachine.requests, length=CHUNKS, slack=TAIL_SLACK)
-    def continue_prefill_swa_tail(self, pick: int, length: int, slack: int) -> None:
+    @rule(pick=RequestMachine.requests, length=CHUNKS, tail=TAILS)
+    def continue_prefill_swa_tail(self, pick: int, length: int, tail: int) -> None:
+        """The next chunk of a live request, with SWA slots only for its last `tail` tokens."""
         request = self.handles.get(pick)
-        if request is not None:
-            self.extend_tail(request, length, slack)
+        if request is not None and self.can_grow(request):
+            self.extend_tail(request, length, tail)
+
+    @rule(pick=consumes(RequestMachine.requests), ending=st.sampled_from(ENDINGS), offsets=PAGE_OFFSETS)
+    def finish_naming_part_of_pages(self, pick: int, ending: str, offsets: frozenset[int]) -> None:
+        """A request ends (ENDINGS says how) with calls that name, of each page, only the
+        tokens at `offsets`: freeing any token of a page frees all of it (SPEC §1.2), and
+        free_swa zeroes the whole page's mapping (§1.3)."""
+        request = self.handles.pop(pick, None)
+        if request is not None and request.tokens:
+            self.end_tokens(request.tokens, request.evict_floor, ending, offsets)
 
 
 class RequestMachinePS1(RequestMachine):

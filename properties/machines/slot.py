@@ -32,6 +32,15 @@ class SlotMachine(AllocatorMachine):
 
     @rule(target=holdings, need=st.integers(0, 10))
     def alloc(self, need: int):
+        return self.hold(need)
+
+    @rule(target=holdings, pool=st.sampled_from(("full", "swa")))
+    def alloc_filling_pool(self, pool: str):
+        """Allocate as many slots as `pool` has free: it empties if the other can serve it."""
+        return self.hold(getattr(self.model, pool).available())
+
+    def hold(self, need: int):
+        """One alloc(need), kept as a holding."""
         live_before = self.live_tokens()
         slots = self.allocate("alloc", (need,), self.model.alloc(need), live_before)
         return multiple() if slots is None else self.new_handle(Holding(slots))

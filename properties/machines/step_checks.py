@@ -179,7 +179,7 @@ def _check_windows(observed: Observed, requests: Iterable[Request], window: int)
     missing, leaked = [], []
     mapping = observed.mapping
     for request in requests:
-        start = request.window_start(window)
+        start = request.needs_swa_from(window)
         missing += [t for t in request.tokens[start:] if mapping[t] == 0]
         leaked += [t for t in request.tokens[: request.evict_floor] if mapping[t] != 0]
     found = []

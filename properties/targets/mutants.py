@@ -380,11 +380,16 @@ class FreeSwaTokenGranular(Mutant):
 
     Report: sglang #27779 ("Fix paged SWA free mapping cleanup"), the root of #27789 (SWA pool
     leak with spec decoding and page_size > 1).
-    Breaks LEAK (tokens behind the evict floor keep their peers) and SWA_LE_FULL (those
-    peers are on a free SWA page).
+    Breaks LEAK (tokens behind the evict floor keep their peers), SWA_LE_FULL (those
+    peers are on a free SWA page) or, when the request ends with that free_swa, STALE (its
+    freed full slots keep their peers).
+    Checked mode off: after a free_swa that names part of a page, the checked free_full of
+    that page rejects the peers left behind, which would stop the bug before the mapping
+    shows it.
     """
 
-    breaks = (Name.LEAK, Name.SWA_LE_FULL)
+    breaks = (Name.LEAK, Name.SWA_LE_FULL, Name.STALE)
+    checked_mode = False
 
     def _release_swa_peers(self, free_index: torch.Tensor) -> None:
         if free_index.numel() == 0:

@@ -65,12 +65,16 @@ def nonzero_mapping(mapping: torch.Tensor) -> list[list[int]]:
     return [[int(f), int(body[f])] for f in full]
 
 
-def replay_trace(trace: dict, make_allocator: Callable[[dict], Any], device: torch.device | str = "cpu") -> Mismatch | None:
+def replay_trace(
+    trace: dict, make_allocator: Callable[[dict], Any], device: torch.device | str = "cpu"
+) -> Mismatch | None:
     allocator = make_allocator(trace["config"])
     mapping = allocator.full_to_swa_index_mapping
     config = trace["config"]
     if mapping.numel() != config["mapping_len"] or int(mapping[-1]) != config["sentinel"]:
-        return Mismatch(-1, "__init__", "mapping", (config["mapping_len"], config["sentinel"]), (mapping.numel(), int(mapping[-1])))
+        return Mismatch(
+            -1, "__init__", "mapping", (config["mapping_len"], config["sentinel"]), (mapping.numel(), int(mapping[-1]))
+        )
     for index, call in enumerate(trace["calls"]):
         result = getattr(allocator, call["call"])(*call_arguments(call, device))
         observed = {

@@ -57,7 +57,9 @@ def extend_indices(
     return torch.where(on_current_page, continued, on_new_page)
 
 
-def decode_indices(seq_lens: torch.Tensor, last_loc: torch.Tensor, new_pages: torch.Tensor, page_size: int) -> torch.Tensor:
+def decode_indices(
+    seq_lens: torch.Tensor, last_loc: torch.Tensor, new_pages: torch.Tensor, page_size: int
+) -> torch.Tensor:
     """One token per request at position seq_i - 1: a new page's first slot at a page start."""
     starts_page = (seq_lens - 1) % page_size == 0
     page_slot = (torch.cumsum(starts_page, 0) - starts_page.long()).clamp(0, new_pages.numel())
@@ -119,9 +121,13 @@ class PagedTokenToKVPoolAllocator(FreeListAllocator):
         extend_num_tokens = check_count("extend_num_tokens", extend_num_tokens)
         expected = int((seq_lens_cpu - prefix_lens_cpu).sum())
         if extend_num_tokens != expected:
-            raise InvalidIndexError(f"extend_num_tokens={extend_num_tokens} but seq_lens - prefix_lens sums to {expected}")
+            raise InvalidIndexError(
+                f"extend_num_tokens={extend_num_tokens} but seq_lens - prefix_lens sums to {expected}"
+            )
         self.check_continuation(prefix_lens, last_loc)
-        pages = int((pages_spanned(seq_lens_cpu, self.page_size) - pages_spanned(prefix_lens_cpu, self.page_size)).sum())
+        pages = int(
+            (pages_spanned(seq_lens_cpu, self.page_size) - pages_spanned(prefix_lens_cpu, self.page_size)).sum()
+        )
         page_size = self.page_size
 
         def build(free_pages: torch.Tensor) -> torch.Tensor:

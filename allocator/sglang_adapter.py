@@ -92,7 +92,9 @@ def _kv_pool_base(cls: type) -> type:
         namespace = vars(importlib.import_module(cls.__module__))
         annotation = namespace.get(annotation.rpartition(".")[2])
     if not isinstance(annotation, type):
-        raise SglangUnavailableError(f"cannot tell the KV pool type {cls.__module__}.{cls.__name__} expects; {INSTALL_HINT}")
+        raise SglangUnavailableError(
+            f"cannot tell the KV pool type {cls.__module__}.{cls.__name__} expects; {INSTALL_HINT}"
+        )
     return annotation
 
 
@@ -117,7 +119,8 @@ def make_sglang_allocator(
 def _has_padded_layout(cls: type) -> bool:
     """Whether the release's mapping has size + size_swa + 1 entries (no sentinel): read from a
     small allocator whose two layouts differ in length (they coincide when size_swa == 1)."""
-    return _build(cls, 8, 4, 1, torch.device("cpu"), False, torch.float16).full_to_swa_index_mapping.numel() == 8 + 4 + 1
+    mapping = _build(cls, 8, 4, 1, torch.device("cpu"), False, torch.float16).full_to_swa_index_mapping
+    return mapping.numel() == 8 + 4 + 1
 
 
 def _build(
@@ -139,10 +142,16 @@ def _build(
             raise SglangUnsupportedError(
                 f"sglang {installed_sglang_version()}'s allocator has no {name} parameter: only {name}={implied}"
             )
-    required = [p.name for p in parameters.values() if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    required = [
+        p.name
+        for p in parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
     unknown = sorted(set(required) - set(given))
     if unknown:
-        raise SglangUnavailableError(f"{cls.__module__}.{cls.__name__} needs parameters this adapter does not know: {unknown}")
+        raise SglangUnavailableError(
+            f"{cls.__module__}.{cls.__name__} needs parameters this adapter does not know: {unknown}"
+        )
     allocator = cls(**{name: value for name, value in given.items() if name in parameters})
     if device.type == "cpu" and page_size > 1:
         # sglang picks Triton or torch paging kernels from the process's platform, not from

@@ -180,7 +180,13 @@ class SWATokenToKVPoolAllocator:
         return self._allocate_pair(full_reservation, swa_reservation, tail)
 
     def _reserve_swa_tail(
-        self, prefix: int, seq: int, tail: int, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor, last_loc: torch.Tensor
+        self,
+        prefix: int,
+        seq: int,
+        tail: int,
+        seq_lens: torch.Tensor,
+        seq_lens_cpu: torch.Tensor,
+        last_loc: torch.Tensor,
     ) -> Reservation | None:
         if tail == 0:
             return None
@@ -191,7 +197,10 @@ class SWATokenToKVPoolAllocator:
             peer = int(self.full_to_swa_index_mapping[last_loc[0]])
             if peer > 0:
                 swa_prefix, swa_last = tail_start, peer + tail_start - prefix
-        as_tensor = lambda value, device: torch.tensor([value], dtype=torch.int64, device=device)
+
+        def as_tensor(value: int, device: torch.device) -> torch.Tensor:
+            return torch.tensor([value], dtype=torch.int64, device=device)
+
         return self.swa_attn_allocator.reserve_extend(
             as_tensor(swa_prefix, self.device),
             as_tensor(swa_prefix, torch.device("cpu")),
@@ -268,7 +277,10 @@ class SWATokenToKVPoolAllocator:
         """Resolve and release the SWA peers now, even inside a free group (validated first)."""
         if free_index.numel() == 0:
             return
-        tokens = free_index if self.page_size == 1 else self._tokens_of_units(free_index.div(self.page_size, rounding_mode="floor").unique())
+        if self.page_size == 1:
+            tokens = free_index
+        else:
+            tokens = self._tokens_of_units(free_index.div(self.page_size, rounding_mode="floor").unique())
         peers = self.full_to_swa_index_mapping[tokens]
         swa_units = self.swa_attn_allocator.units_to_free(peers[peers > 0])
         self.full_to_swa_index_mapping[tokens] = 0

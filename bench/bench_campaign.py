@@ -23,7 +23,9 @@ from properties.campaign.progress import ProgressDisplay
 
 def steady_rate(statuses: list[dict], warmup: float) -> tuple[float, float]:
     """(steps/s, examples/s) from the first status past the warm-up to the last one with workers."""
-    running = [status for status in statuses if status["elapsed"] >= warmup and status["steps"] > 0 and status["workers"] > 0]
+    running = [
+        status for status in statuses if status["elapsed"] >= warmup and status["steps"] > 0 and status["workers"] > 0
+    ]
     if len(running) < 2:
         return 0.0, 0.0
     first, last = running[0], running[-1]
@@ -59,7 +61,9 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, target {args.target} on {args.device}, {args.duration:.0f}s per campaign")
     results = [measure(workers, args.duration, args.warmup, args.target, args.device) for workers in args.workers]
     base = results[0]["steps_per_s"] or float("nan")
-    print(f"{'workers':>7} {'steps/s':>9} {'examples/s':>10} {'x first':>7} {'steps/s incl. start':>19} {'findings':>8}")
+    print(
+        f"{'workers':>7} {'steps/s':>9} {'examples/s':>10} {'x first':>7} {'steps/s incl. start':>19} {'findings':>8}"
+    )
     for result in results:
         print(
             f"{result['workers']:>7} {result['steps_per_s']:>9.0f} {result['examples_per_s']:>10.1f} "

@@ -26,6 +26,7 @@ import argparse
 import time
 import warnings
 from dataclasses import replace
+from functools import partial
 from typing import Callable
 
 import torch
@@ -89,13 +90,16 @@ def captured_step_us(allocator: SWATokenToKVPoolAllocator, batch: dict, window: 
 def probe_table(args: argparse.Namespace, device: torch.device, sizes: list[int], iters: int, warmup: int) -> None:
     on_gpu = device.type == "cuda"
     print(f"### One check, requests of {args.request} tokens keeping {args.window} in the window\n")
-    print("| pool tokens | page size | batch requests | probes eager µs | probes graph µs | check eager µs | check graph µs |")
+    print(
+        "| pool tokens | page size | batch requests | probes eager µs | probes graph µs "
+        "| check eager µs | check graph µs |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for size in sizes:
         for page_size in args.page_sizes:
             allocator, batch = serving_state(size, page_size, args.request, args.window, device)
             view = AllocatorView.of(allocator)
-            probes = lambda: run_probes(view)
+            probes = partial(run_probes, view)
             check = check_call(allocator, batch, args.window)
             cells = [eager_us(probes, device, iters, warmup)]
             cells.append(graph_us(probes, device, iters, warmup) if on_gpu else None)
@@ -121,7 +125,9 @@ def count_syncs(call: Callable[[], None]) -> int:
     return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
-def simulator_table(args: argparse.Namespace, device: torch.device, config: SimulationConfig, steps: int, warmup: int) -> None:
+def simulator_table(
+    args: argparse.Namespace, device: torch.device, config: SimulationConfig, steps: int, warmup: int
+) -> None:
     on_gpu = device.type == "cuda"
     variants = {"off": dict(canary="off"), "every 16": dict(every=16), "every 1": dict(every=1)}
     simulators = {name: Simulator(replace(config, **options)) for name, options in variants.items()}

@@ -23,6 +23,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -191,17 +192,21 @@ def main() -> None:
     print("eager: back-to-back calls; graph: CUDA graph replay (GPU time); roofline and ratio use "
           "graph time on GPU, eager time on CPU")
     print()
-    print("| batch | context | live tokens | floor MB | impl | eager µs | graph µs | floor µs | roofline | time / triton |")
+    print(
+        "| batch | context | live tokens | floor MB | impl | eager µs | graph µs | floor µs "
+        "| roofline | time / triton |"
+    )
     print("|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for context in contexts:
         for batch in batches:
             state = build_state(batch, context, window, args.page_size, device, seed=batch * context)
             bytes_needed, live_tokens = required_bytes(state), live_token_count(state)
             calls = {
-                "triton": lambda: detect_divergence(**state, impl="triton"),
-                "torch": lambda: detect_divergence(**state, impl="torch"),
-                "sglang-formulation": lambda: sglang_formulation(
-                    state["req_to_token"], state["req_pool_indices"], state["seq_lens"], state["mapping"]
+                "triton": partial(detect_divergence, **state, impl="triton"),
+                "torch": partial(detect_divergence, **state, impl="torch"),
+                "sglang-formulation": partial(
+                    sglang_formulation,
+                    state["req_to_token"], state["req_pool_indices"], state["seq_lens"], state["mapping"],
                 ),
             }
             eager = {impl: eager_us(calls[impl], device, iters, warmup) for impl in impls}

@@ -163,9 +163,11 @@ def main() -> None:
             harness, empty = measure(classes[name], args.seconds, pool_tokens)
             bare = replay_bare(harness.logs, args.device)
             bare.steps = harness.steps
-            (h_cpu, h_wall), (e_cpu, e_wall), (b_cpu, b_wall) = harness.per_step_us(), empty.per_step_us(), bare.per_step_us()
+            (h_cpu, h_wall), (e_cpu, e_wall) = harness.per_step_us(), empty.per_step_us()
+            b_cpu, b_wall = bare.per_step_us()
             print(
-                f"| {name} | {pool_tokens or 'drawn'} | {harness.steps} | {1e6 / h_cpu:,.0f} | {h_cpu:,.0f} / {h_wall:,.0f} "
+                f"| {name} | {pool_tokens or 'drawn'} | {harness.steps} | {1e6 / h_cpu:,.0f} "
+                f"| {h_cpu:,.0f} / {h_wall:,.0f} "
                 f"| {e_cpu:,.0f} / {e_wall:,.0f} | {b_cpu:,.0f} / {b_wall:,.0f} | {h_cpu / e_cpu:.2f} "
                 f"| {h_cpu - e_cpu - b_cpu:,.0f} |",
                 flush=True,

@@ -23,6 +23,7 @@ From the repository root:
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -41,7 +42,9 @@ SMALL_POOLS = (
 )
 
 
-def build_allocator(size: int, page_size: int, request: int, window: int, device: torch.device) -> SWATokenToKVPoolAllocator:
+def build_allocator(
+    size: int, page_size: int, request: int, window: int, device: torch.device
+) -> SWATokenToKVPoolAllocator:
     allocator = SWATokenToKVPoolAllocator(size, size // 2, page_size, torch.float16, device)
     requests = []
     while allocator.full_available_size() > size // 4:
@@ -55,6 +58,11 @@ def build_allocator(size: int, page_size: int, request: int, window: int, device
     for tokens in requests[::3]:
         allocator.free(tokens)
     return allocator
+
+
+def probe_and_read(allocator: SWATokenToKVPoolAllocator) -> list:
+    """One probe check of the allocator, read back to the host (what the canary does per check)."""
+    return run_probes(AllocatorView.of(allocator)).packed.tolist()
 
 
 def allocate(allocator: SWATokenToKVPoolAllocator, count: int) -> torch.Tensor | None:
@@ -104,7 +112,7 @@ def small_pools(iters: int, warmup: int) -> None:
     for size, size_swa, page_size, tokens in SMALL_POOLS:
         allocator = SWATokenToKVPoolAllocator(size, size_swa, page_size, torch.float16, cpu)
         allocate(allocator, tokens)
-        check = lambda: run_probes(AllocatorView.of(allocator)).packed.tolist()
+        check = partial(probe_and_read, allocator)
         print(f"| {size} / {size_swa} | {page_size} | {tokens} | {eager_us(check, cpu, iters, warmup):.1f} |")
 
 
@@ -143,7 +151,7 @@ def main() -> None:
         for page_size in args.page_sizes:
             allocator = build_allocator(size, page_size, args.request, args.window, device)
             view = AllocatorView.of(allocator)
-            calls = {impl: (lambda impl=impl: run_probes(view, impl=impl)) for impl in args.impls}
+            calls = {impl: partial(run_probes, view, impl=impl) for impl in args.impls}
             packed = {impl: call().packed for impl, call in calls.items()}
             first = next(iter(packed.values()))
             if not all(torch.equal(first, rows) for rows in packed.values()):

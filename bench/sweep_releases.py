@@ -150,7 +150,8 @@ def table(releases: list[Release], budget: float, seed: int) -> str:
             continue
         missing = ", ".join(release.missing) or "—"
         for run in release.runs:
-            label = run.name if run.name == "whole SPEC" else f"its contract ({', '.join(release.restrictions) or 'none'})"
+            restrictions = ", ".join(release.restrictions) or "none"
+            label = run.name if run.name == "whole SPEC" else f"its contract ({restrictions})"
             found = run.error or "<br>".join(_finding_cell(f) for f in run.findings) or "none"
             lines.append(f"| {release.version} | {missing} | {label} | {found} | {run.steps} | {run.seconds:.0f} |")
     return "\n".join(lines) + "\n"

@@ -99,7 +99,9 @@ INVARIANTS: dict[Name, Invariant] = registry(
             "no free list holds a duplicate, no slot is both free and allocated, no allocation returns a slot twice",
             _PROBE,
         ),
-        Invariant(Name.CONSERVE, Severity.FATAL, "free + allocated == capacity on each pool; available <= size", _PROBE),
+        Invariant(
+            Name.CONSERVE, Severity.FATAL, "free + allocated == capacity on each pool; available <= size", _PROBE
+        ),
         Invariant(
             Name.SWA_LE_FULL,
             Severity.FATAL,
@@ -109,10 +111,14 @@ INVARIANTS: dict[Name, Invariant] = registry(
         Invariant(Name.ATOMIC, Severity.FATAL, "a failed allocation changes nothing", _MODEL),
         Invariant(Name.AVAIL, Severity.FATAL, "available_size() == min(full, swa)", _PROBE),
         Invariant(Name.WINDOW, Severity.FATAL, "every token inside a live request's window has an SWA slot", _MODEL),
-        Invariant(Name.STALE, Severity.GUARD, "a free full slot, or an unallocated token of a live page, maps to 0", _PROBE),
+        Invariant(
+            Name.STALE, Severity.GUARD, "a free full slot, or an unallocated token of a live page, maps to 0", _PROBE
+        ),
         Invariant(Name.PAGE, Severity.GUARD, "a full page's tokens map to one SWA page at the same offsets", _PROBE),
         Invariant(Name.XLAT, Severity.GUARD, "translate(x) == mapping[x]", _MODEL),
-        Invariant(Name.LEAK, Severity.GUARD, "a token before the window (past the page margin) holds no SWA slot", _MODEL),
+        Invariant(
+            Name.LEAK, Severity.GUARD, "a token before the window (past the page margin) holds no SWA slot", _MODEL
+        ),
         Invariant(
             Name.CONTRACT,
             Severity.GUARD,
@@ -128,7 +134,12 @@ INVARIANTS: dict[Name, Invariant] = registry(
         ),
         # A call the target's contract promises to handle raised: in a serving engine the
         # exception takes the scheduler down with every request in flight.
-        Invariant(Name.CRASH, Severity.FATAL, "every call the contract allows returns (a result, or None when out of memory); none raises", _RUNNER),
+        Invariant(
+            Name.CRASH,
+            Severity.FATAL,
+            "every call the contract allows returns (a result, or None when out of memory); none raises",
+            _RUNNER,
+        ),
         # A call never returned: the scheduler stalls holding every request's KV state, which
         # loses the serving process exactly as a crash does, so it is as severe as CRASH.
         Invariant(Name.HANG, Severity.FATAL, "every call returns within the runner's time limit", _RUNNER),

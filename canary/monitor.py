@@ -18,11 +18,11 @@ Reports: each violation once (by source, invariant, the checks broken and the it
 as a one-line JSON log record (`canary.report`), in the counters, in a bounded ring, and,
 with `snapshot_dir`, with a snapshot of the checked state (`canary.snapshot`: keeping it
 costs device copies of the mapping, the free lists and the batch's rows at each check;
-writing it, a synchronisation, happens only when a new violation is found). Modes: "off" does nothing, "warn" reports, "strict" also raises
-InvariantViolation from `step` or `flush` when a FATAL violation is reported. In warn mode an
-internal error never reaches the caller, `attach` included (an allocator the canary cannot
-read): the monitor logs one line and turns itself off. Options it cannot work with raise
-CanaryConfigError in every mode.
+writing it, a synchronisation, happens only when a new violation is found). Modes: "off" does
+nothing, "warn" reports, "strict" also raises InvariantViolation from `step` or `flush` when a
+FATAL violation is reported. In warn mode an internal error never reaches the caller, `attach`
+included (an allocator the canary cannot read): the monitor logs one line and turns itself off.
+Options it cannot work with raise CanaryConfigError in every mode.
 """
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ class CanaryMonitor:
         if self._active:
             self._guarded(lambda: self._prepare(allocator, page_size, probes, max_indices))
 
-    def _prepare(self, allocator: object, page_size: int | None, probes: Iterable[str] | None, max_indices: int) -> None:
+    def _prepare(
+        self, allocator: object, page_size: int | None, probes: Iterable[str] | None, max_indices: int
+    ) -> None:
         """Read the allocator once and set up the read-back slots (in warn mode, an allocator
         it cannot read turns the monitor off with one log line, as any later error does)."""
         if self.snapshot_dir is not None:
@@ -261,7 +263,9 @@ class CanaryMonitor:
         current.update({(source, v.invariant): v.count for source, v in result.sourced()})
         self._reporter.checked(current, result.divergence)
         new = [
-            (source, v) for source, v in result.sourced() if self._first_sight((source, v.invariant, v.detail, *v.indices))
+            (source, v)
+            for source, v in result.sourced()
+            if self._first_sight((source, v.invariant, v.detail, *v.indices))
         ]
         if not new:
             return

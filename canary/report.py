@@ -230,7 +230,9 @@ class _PrometheusMetrics:
         self.violating = gauge(
             "swa_canary_violating_items", "Offending items found by the latest check", "invariant", "source"
         )
-        self.divergence = gauge("swa_canary_divergence_tokens", "Divergence detector totals of the latest check", "kind")
+        self.divergence = gauge(
+            "swa_canary_divergence_tokens", "Divergence detector totals of the latest check", "kind"
+        )
         self.enabled = gauge("swa_canary_enabled", "1 while the monitor runs, 0 once it has disabled itself")
 
     @classmethod

@@ -65,7 +65,9 @@ class SimulationConfig:
                 raise SimulationConfigError(f"{name} must be an int >= {lowest}, got {value!r}")
         for name in ("size", "size_swa"):
             if getattr(self, name) % self.page_size:
-                raise SimulationConfigError(f"{name}={getattr(self, name)} is not a multiple of page_size={self.page_size}")
+                raise SimulationConfigError(
+                    f"{name}={getattr(self, name)} is not a multiple of page_size={self.page_size}"
+                )
         if self.canary not in MODES:
             raise SimulationConfigError(f"canary must be one of {MODES}, got {self.canary!r}")
         if not 0 <= self.arrival_rate < float("inf"):
@@ -73,7 +75,9 @@ class SimulationConfig:
         for name in ("prompt_tokens", "output_tokens"):
             low, high = getattr(self, name)
             if not 1 <= low <= high:
-                raise SimulationConfigError(f"{name} must be a range (low, high) with 1 <= low <= high, got {(low, high)}")
+                raise SimulationConfigError(
+                    f"{name} must be a range (low, high) with 1 <= low <= high, got {(low, high)}"
+                )
         if self.device not in ("cpu", "cuda"):
             raise SimulationConfigError(f"device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -153,13 +157,16 @@ class SimulationReport:
         lines = [
             f"{self.steps} steps in {self.seconds:.1f}s on {config.device}: {self.finished} requests finished, "
             f"{self.retracted} retracted, {self.allocation_failures} allocations refused, "
-            f"peak {self.peak_running} running; {self.checks} canary checks (every {config.every} steps, seed {config.seed})"
+            f"peak {self.peak_running} running; "
+            f"{self.checks} canary checks (every {config.every} steps, seed {config.seed})"
         ]
         if config.inject is not None:
             if self.injection is None:
                 lines.append(f"could not inject {config.inject}: no suitable state before the last check")
             else:
-                lines.append(f"injected {self.injection.invariant} at step {self.injection.step}: {self.injection.what}")
+                lines.append(
+                    f"injected {self.injection.invariant} at step {self.injection.step}: {self.injection.what}"
+                )
                 if self.detection is None:
                     lines.append(f"NOT REPORTED: the canary did not report {self.injection.invariant}")
                 else:
@@ -252,7 +259,9 @@ class Simulator:
         config = self.config
         # Geometric arrivals: continue with probability rate / (1 + rate), mean `arrival_rate`.
         while self.rng.random() < config.arrival_rate / (1 + config.arrival_rate):
-            self.waiting.append(Request(self.rng.randint(*config.prompt_tokens), self.rng.randint(*config.output_tokens)))
+            self.waiting.append(
+                Request(self.rng.randint(*config.prompt_tokens), self.rng.randint(*config.output_tokens))
+            )
 
     def _admit(self) -> None:
         while self.waiting and self.free_rows:
@@ -411,7 +420,9 @@ def _zero_in_window_entry(sim: Simulator) -> str | None:
     Not the request's last token: that one is the next allocation's last_loc."""
     every = sim.config.every
     candidates = [
-        r for r in sim.running if r.prefilled and r.seq_len >= 2 and r.prompt_len + r.output_len - r.seq_len >= every + 2
+        r
+        for r in sim.running
+        if r.prefilled and r.seq_len >= 2 and r.prompt_len + r.output_len - r.seq_len >= every + 2
     ]
     if not candidates:
         return None
@@ -419,7 +430,10 @@ def _zero_in_window_entry(sim: Simulator) -> str | None:
     position = request.seq_len - 2
     token = int(sim.req_to_token[request.row, position])
     sim.allocator.full_to_swa_index_mapping[token] = 0
-    return f"zeroed the mapping of full token {token} (req_to_token row {request.row}, position {position}, in the window)"
+    return (
+        f"zeroed the mapping of full token {token} "
+        f"(req_to_token row {request.row}, position {position}, in the window)"
+    )
 
 
 def _duplicate_free_unit(sim: Simulator) -> str | None:

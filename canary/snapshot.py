@@ -65,7 +65,9 @@ class Snapshot:
         if table.shape[0] == 0:
             rows = table.new_zeros((batch.size, table.shape[1]))
         else:
-            rows = table.index_select(0, torch.where(_valid_rows(batch.req_pool_indices, table.shape[0]), batch.req_pool_indices, 0))
+            rows = table.index_select(
+                0, torch.where(_valid_rows(batch.req_pool_indices, table.shape[0]), batch.req_pool_indices, 0)
+            )
         floors = None if batch.evict_floors is None else batch.evict_floors.clone()
         cut = Batch(rows, batch.req_pool_indices.clone(), batch.seq_lens.clone(), floors)
         return cls(copied, cut, table.shape[0], window, page_size, step, monitor)
@@ -113,14 +115,18 @@ class Snapshot:
 
     @classmethod
     def _from_body(cls, body: object, where: str) -> "Snapshot":
-        body = _mapping_with(body, {"format", "version", "monitor", "step", "window", "page_size", "allocator", "batch"}, where)
+        body = _mapping_with(
+            body, {"format", "version", "monitor", "step", "window", "page_size", "allocator", "batch"}, where
+        )
         if body["format"] != SNAPSHOT_FORMAT or body["version"] != SNAPSHOT_VERSION:
             raise SnapshotError(f"{where}: format {body['format']!r} version {body['version']!r}, "
                                 f"expected {SNAPSHOT_FORMAT!r} version {SNAPSHOT_VERSION}")
         for key, types in (("monitor", (str,)), ("step", (int,)), ("window", (int, type(None))), ("page_size", (int,))):
             if isinstance(body[key], bool) or not isinstance(body[key], types):
                 raise SnapshotError(f"{where}: {key} has the wrong type: {body[key]!r}")
-        allocator = _mapping_with(body["allocator"], {*_VIEW_TENSORS, *_VIEW_INTS, "in_free_group"}, f"{where}: allocator")
+        allocator = _mapping_with(
+            body["allocator"], {*_VIEW_TENSORS, *_VIEW_INTS, "in_free_group"}, f"{where}: allocator"
+        )
         if not isinstance(allocator["in_free_group"], bool):
             raise SnapshotError(f"{where}: allocator.in_free_group is not a bool")
         try:
@@ -130,7 +136,9 @@ class Snapshot:
         if body["batch"] is None:
             return cls(view, None, 0, body["window"], body["page_size"], body["step"], body["monitor"])
         batch = _mapping_with(
-            body["batch"], {"req_to_token", "req_pool_indices", "seq_lens", "evict_floors", "table_rows"}, f"{where}: batch"
+            body["batch"],
+            {"req_to_token", "req_pool_indices", "seq_lens", "evict_floors", "table_rows"},
+            f"{where}: batch",
         )
         for key, ndim in (("req_to_token", 2), ("req_pool_indices", 1), ("seq_lens", 1), ("evict_floors", 1)):
             value = batch[key]

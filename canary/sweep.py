@@ -29,7 +29,9 @@ DIVERGENCE_KINDS: tuple[str, ...] = tuple(field.name for field in fields(Diverge
 DIVERGENCE_INVARIANTS: dict[str, tuple[Name, str]] = {
     "window_missing": (Name.WINDOW, "in-window tokens have no SWA slot, in requests (req_to_token rows)"),
     "leaked": (Name.LEAK, "tokens before the evict boundary still hold an SWA slot, in requests (req_to_token rows)"),
-    "shared": (Name.SWA_LE_FULL, "live tokens share their SWA slot with another full token, in requests (req_to_token rows)"),
+    "shared": (
+        Name.SWA_LE_FULL, "live tokens share their SWA slot with another full token, in requests (req_to_token rows)"
+    ),
 }
 """Detector count -> (the invariant it breaks, what `Violation.explain` says is counted)."""
 

@@ -251,7 +251,8 @@ def replay_snapshot(path: Path) -> int:
     result = replay(snapshot)
     view = snapshot.view
     print(
-        f"snapshot of monitor {snapshot.monitor!r} at step {snapshot.step}: size {view.size_full} / SWA {view.size_swa}, "
+        f"snapshot of monitor {snapshot.monitor!r} at step {snapshot.step}: "
+        f"size {view.size_full} / SWA {view.size_swa}, "
         f"page size {view.page_size}, {'no batch' if snapshot.batch is None else f'{snapshot.batch.size} requests'}"
     )
     if result.divergence is not None:
@@ -291,7 +292,9 @@ def add_check_parser(commands: Any) -> None:
         metavar="RESTRICTION",
         help="add a restriction to the target's contract, to mask a known finding and look for the next (repeatable)",
     )
-    check.add_argument("--budget", type=parse_duration, default=60.0, help="time to spend: 90, 90s, 15m, 8h (default 60s)")
+    check.add_argument(
+        "--budget", type=parse_duration, default=60.0, help="time to spend: 90, 90s, 15m, 8h (default 60s)"
+    )
     check.add_argument("--seed", type=seed, default=None, help="master seed, to repeat a check exactly")
     check.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON to this path")
     check.add_argument("--interval", type=parse_duration, default=10.0,
@@ -320,13 +323,18 @@ def add_simulate_parser(commands: Any) -> None:
 
 
 def add_fuzz_parser(commands: Any) -> None:
-    fuzz = commands.add_parser("fuzz", help="an overnight campaign: worker processes, a shared example database, exported findings")
+    fuzz = commands.add_parser(
+        "fuzz", help="an overnight campaign: worker processes, a shared example database, exported findings"
+    )
     add_target_options(fuzz)
     fuzz.add_argument("--duration", type=parse_duration, default=8 * 3600.0, help="how long to run (default 8h)")
-    fuzz.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
+    fuzz.add_argument(
+        "--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (default: one per core)"
+    )
     fuzz.add_argument(
         "--db", default=None, metavar="PATH|redis://HOST:PORT/N",
-        help="example database shared by the workers (default OUT/examples); Redis keeps OUT/examples as its local copy",
+        help="example database shared by the workers (default OUT/examples); "
+        "Redis keeps OUT/examples as its local copy",
     )
     fuzz.add_argument("--out", default="fuzz-out", help="campaign directory: findings/, examples/ (default fuzz-out)")
     fuzz.add_argument("--seed", type=seed, default=None, help="master seed of the workers' seeds")
@@ -354,7 +362,9 @@ def add_selfcheck_parser(commands: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="swa-canary", description="Property-based checks and a runtime canary for SWA KV-cache allocators.")
+    parser = Parser(
+        prog="swa-canary", description="Property-based checks and a runtime canary for SWA KV-cache allocators."
+    )
     commands = parser.add_subparsers(dest="command")
     add_check_parser(commands)
     add_simulate_parser(commands)

@@ -22,7 +22,9 @@ def paged(size: int, page_size: int, device: torch.device, need_sort: bool = Fal
     return PagedTokenToKVPoolAllocator(size, page_size, torch.float16, device, need_sort=need_sort)
 
 
-def extend(pool: PagedTokenToKVPoolAllocator, device: torch.device, prefix: list[int], seq: list[int], last_loc: list[int]):
+def extend(
+    pool: PagedTokenToKVPoolAllocator, device: torch.device, prefix: list[int], seq: list[int], last_loc: list[int]
+):
     result = pool.alloc_extend(*extend_args(device, prefix, seq, last_loc))
     return None if result is None else result.tolist()
 
@@ -170,7 +172,12 @@ def test_alloc_extend_merges_on_its_threshold(
     ],
 )
 def test_alloc_decode_merges_when_batch_exceeds_ready_list(
-    sorted_pool_with_staged_page, seq: list[int], last_loc: list[int], expected: list[int], after, swa_device: torch.device
+    sorted_pool_with_staged_page,
+    seq: list[int],
+    last_loc: list[int],
+    expected: list[int],
+    after,
+    swa_device: torch.device,
 ) -> None:
     assert decode(sorted_pool_with_staged_page, swa_device, seq, last_loc) == expected
     assert free_lists(sorted_pool_with_staged_page) == after

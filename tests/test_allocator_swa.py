@@ -25,7 +25,9 @@ from allocator.golden import nonzero_mapping
 def swa(
     size: int, size_swa: int, page_size: int, device: torch.device, need_sort: bool = False, checked: bool = False
 ) -> SWATokenToKVPoolAllocator:
-    return SWATokenToKVPoolAllocator(size, size_swa, page_size, torch.float16, device, need_sort=need_sort, checked=checked)
+    return SWATokenToKVPoolAllocator(
+        size, size_swa, page_size, torch.float16, device, need_sort=need_sort, checked=checked
+    )
 
 
 def as_list(result: torch.Tensor | None) -> list[int] | None:
@@ -81,7 +83,9 @@ def test_extend_and_decode_continue_through_the_translated_last_loc(checked: boo
     assert extend(a, swa_device, [0], [6], [-1]) == [8, 9, 10, 11, 12, 13]
     # The SWA side continues after mapping[13] = 9.
     assert decode(a, swa_device, [7], [13]) == [14]
-    assert nonzero_mapping(a.full_to_swa_index_mapping) == [[8, 4], [9, 5], [10, 6], [11, 7], [12, 8], [13, 9], [14, 10]]
+    assert nonzero_mapping(a.full_to_swa_index_mapping) == [
+        [8, 4], [9, 5], [10, 6], [11, 7], [12, 8], [13, 9], [14, 10]
+    ]
     assert decode(a, swa_device, [8], [14]) == [15]
     # Position 8 starts a page: full page 4 and SWA page 3.
     assert decode(a, swa_device, [9], [15]) == [16]

@@ -44,7 +44,8 @@ FAST = ("SlotMachine",)
 
 def keeps_mapping_on_free(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
     return broken.KeepsMappingOnFreeSwa(
-        config.size, config.size_swa, config.page_size, config.dtype, config.device, need_sort=config.need_sort, checked=True
+        config.size, config.size_swa, config.page_size, config.dtype, config.device,
+        need_sort=config.need_sort, checked=True,
     )
 
 
@@ -60,7 +61,9 @@ class Cli:
         self.lines: queue.Queue = queue.Queue()
         self.records: list[dict] = []
         self.errors: list[str] = []
-        threading.Thread(target=lambda: [self.lines.put(json.loads(line)) for line in self.process.stdout], daemon=True).start()
+        threading.Thread(
+            target=lambda: [self.lines.put(json.loads(line)) for line in self.process.stdout], daemon=True
+        ).start()
         threading.Thread(target=lambda: self.errors.extend(self.process.stderr), daemon=True).start()
 
     def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 60.0) -> dict:
@@ -160,8 +163,12 @@ def test_the_exported_finding_fails_on_the_broken_allocator_and_passes_on_the_re
     on_broken = subprocess.run([sys.executable, "-m", "properties.cli", "replay", str(directory)], env=ENV,
                                capture_output=True, text=True)
     assert on_broken.returncode == 1 and "1 failed" in on_broken.stdout, on_broken.stdout[-2000:]
-    pytest_file = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(directory), report["test"]]
-    on_reference = subprocess.run(pytest_file, cwd=directory, env={**ENV, "SWA_TARGET": "reference"}, capture_output=True, text=True)
+    pytest_file = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(directory), report["test"]
+    ]
+    on_reference = subprocess.run(
+        pytest_file, cwd=directory, env={**ENV, "SWA_TARGET": "reference"}, capture_output=True, text=True
+    )
     assert on_reference.returncode == 0 and "1 passed" in on_reference.stdout, on_reference.stdout[-2000:]
 
 
@@ -187,7 +194,9 @@ def test_a_worker_killed_mid_run_is_replaced(tmp_path: Path) -> None:
     os.kill(victim, signal.SIGKILL)
     crash = cli.wait_for(lambda record: record["event"] == "crash")
     assert (crash["pid"], crash["status"], crash["machine"]) == (victim, "SIGKILL", "SlotMachine")
-    replaced = cli.wait_for(lambda record: record["event"] == "status" and record["workers"] == 1 and record["restarts"] == 1)
+    replaced = cli.wait_for(
+        lambda record: record["event"] == "status" and record["workers"] == 1 and record["restarts"] == 1
+    )
     assert victim not in replaced["pids"]
     cli.wait_for(lambda record: record["event"] == "status" and record["steps"] > replaced["steps"])
     summary, returncode = cli.stop()
@@ -322,10 +331,11 @@ def test_on_a_terminal_progress_is_one_line_redrawn_in_place() -> None:
     stream = io.StringIO()
     display = ProgressDisplay(interval=10.0, stream=stream, tty=True)
     status = {"elapsed": 3.0, "duration": 60.0, "workers": 2, "examples": 40, "steps": 1234, "steps_per_s": 411.0,
-              "calls": {"alloc": 9, "free": 3}, "events": {"window slide freed SWA slots": 2}, "findings": 0, "crashes": 0}
+              "calls": {"alloc": 9, "free": 3}, "events": {"window slide freed SWA slots": 2},
+              "findings": 0, "crashes": 0}
     display.status(status)
-    display.event({"event": "finding", "new": True, "severity": "FATAL", "invariant": Name.STALE, "machine": "SlotMachine",
-                   "seed": 5, "via": "search", "path": "out/findings/stale-1"})
+    display.event({"event": "finding", "new": True, "severity": "FATAL", "invariant": Name.STALE,
+                   "machine": "SlotMachine", "seed": 5, "via": "search", "path": "out/findings/stale-1"})
     display.status({**status, "steps": 2000, "findings": 1}, force=True)
     display.close()
     lines = stream.getvalue().split("\n")

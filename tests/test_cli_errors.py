@@ -104,7 +104,9 @@ class Case:
     skip: str | None = None
 
 
-def case(name: str, argv: str, message: str, setup: Callable[[Path], None] | None = None, skip: str | None = None) -> Case:
+def case(
+    name: str, argv: str, message: str, setup: Callable[[Path], None] | None = None, skip: str | None = None
+) -> Case:
     return Case(name, tuple(argv.split()), message, setup, skip)
 
 
@@ -213,7 +215,8 @@ def tree(root: Path) -> dict[str, str]:
     state = {}
     for path in sorted(root.rglob("*")):
         mode = oct(path.stat().st_mode)
-        state[str(path.relative_to(root))] = mode if path.is_dir() else f"{mode} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+        digest = None if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        state[str(path.relative_to(root))] = mode if digest is None else f"{mode} {digest}"
     return state
 
 

@@ -65,7 +65,9 @@ def test_a_free_order_difference_is_found_and_shrunk() -> None:
 
 
 def test_an_error_on_one_side_only_is_a_difference() -> None:
-    both = DifferentialAllocator(small_allocator(checked=True), small_allocator(checked=False), ("checked", "unchecked"))
+    both = DifferentialAllocator(
+        small_allocator(checked=True), small_allocator(checked=False), ("checked", "unchecked")
+    )
     with pytest.raises(InvariantViolation) as raised:
         both.free_full(torch.tensor([3]))  # slot 3 was never allocated
     assert raised.value.invariant == Name.DIFFERENTIAL
@@ -111,7 +113,8 @@ def test_the_contract_is_the_stricter_of_both() -> None:
 
 
 def test_the_cli_runs_a_differential_check(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--target", "reference", "--against", "reference", "--budget", "2", "--seed", "1"]) == EXIT_CLEAN
+    argv = ["check", "--target", "reference", "--against", "reference", "--budget", "2", "--seed", "1"]
+    assert main(argv) == EXIT_CLEAN
     assert "against reference vs reference" in capsys.readouterr().out
 
 

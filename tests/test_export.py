@@ -31,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build(kind: type[SWATokenToKVPoolAllocator]):
     def factory(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
-        return kind(config.size, config.size_swa, config.page_size, config.dtype, config.device, need_sort=config.need_sort)
+        return kind(
+            config.size, config.size_swa, config.page_size, config.dtype, config.device, need_sort=config.need_sort
+        )
 
     return factory
 
@@ -105,7 +107,9 @@ def test_calls_render_tensors_on_the_device_and_lengths_on_cpu() -> None:
 
 def test_export_fails_on_the_broken_allocator_and_passes_on_the_reference(tmp_path: Path) -> None:
     target = Target("broken:KeepsMappingOnFreeSwa", build(broken.KeepsMappingOnFreeSwa))
-    exported = export_finding(tmp_path, finding(Name.STALE, SLOTS, ALLOC_THEN_FREE), target, "cpu", "search", worker_seed=3)
+    exported = export_finding(
+        tmp_path, finding(Name.STALE, SLOTS, ALLOC_THEN_FREE), target, "cpu", "search", worker_seed=3
+    )
     report = json.loads((exported.path / REPORT_NAME).read_text())
     assert report["fails_on_target"] and report["passes_on_reference"]
     assert "after #2 free" in report["target_failure"] and "mapping differs" in report["target_failure"]
@@ -139,9 +143,13 @@ def test_the_exported_file_runs_under_pytest_with_swa_target(tmp_path: Path) -> 
     )
     test_file = exported.path / exported.report["test"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(exported.path), str(test_file)]
+    command = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(exported.path), str(test_file)
+    ]
     assert subprocess.run(command, env=env, capture_output=True).returncode == 0
-    failing = subprocess.run(command, env={**env, "SWA_TARGET": "test_export:restore_keeps_mapping"}, capture_output=True, text=True)
+    failing = subprocess.run(
+        command, env={**env, "SWA_TARGET": "test_export:restore_keeps_mapping"}, capture_output=True, text=True
+    )
     assert failing.returncode == 1, failing.stdout[-2000:]
 
 

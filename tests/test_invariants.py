@@ -60,7 +60,9 @@ def raises_on_free(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
 
 
 def test_the_runner_reports_a_raising_target_as_crash() -> None:
-    report = run_check(Target("raises-on-free", raises_on_free), budget=30, seed=0, machines=["SlotMachine"], shrink=False)
+    report = run_check(
+        Target("raises-on-free", raises_on_free), budget=30, seed=0, machines=["SlotMachine"], shrink=False
+    )
     assert report.finding is not None and report.finding.invariant is Name.CRASH
     assert report.finding.severity == INVARIANTS[Name.CRASH].severity.value
     assert "free is broken" in report.finding.detail

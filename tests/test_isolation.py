@@ -41,7 +41,9 @@ def t(*values: int) -> torch.Tensor:
 
 def same_view(isolated: object, local: object) -> None:
     remote, here = AllocatorView.of(isolated), AllocatorView.of(local)
-    for field in ("page_size", "size_full", "size_swa", "full_available", "swa_available", "available", "in_free_group"):
+    for field in (
+        "page_size", "size_full", "size_swa", "full_available", "swa_available", "available", "in_free_group"
+    ):
         assert getattr(remote, field) == getattr(here, field), field
     for field in ("mapping", "full_free", "swa_free"):
         assert getattr(remote, field).tolist() == getattr(here, field).tolist(), field
@@ -59,7 +61,9 @@ def test_the_proxy_reads_back_exactly_what_the_allocator_holds() -> None:
     same_view(isolated, local)
     for method, args in calls:
         results = [getattr(side, method)(*args) for side in (isolated, local)]
-        assert [None if r is None else r.tolist() for r in results[:1]] == [None if r is None else r.tolist() for r in results[1:]]
+        assert [None if r is None else r.tolist() for r in results[:1]] == [
+            None if r is None else r.tolist() for r in results[1:]
+        ]
         same_view(isolated, local)
     some = t(-1, 5, 9, 3)  # not every index: answered by the worker, not the read-back
     assert isolated.translate_loc_from_full_to_swa(some).tolist() == local.translate_loc_from_full_to_swa(some).tolist()
@@ -107,7 +111,9 @@ def test_a_segfault_is_a_crash_finding_whose_minimal_program_kills_a_fresh_worke
 
 def test_a_hang_is_a_hang_finding_with_a_minimal_program(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWA_CALL_TIMEOUT", "0.25")
-    report = run_check("tests.isolation_targets:hangs_on_second_alloc@", budget=20, seed=1, machines=["SlotMachine"], max_steps=6)
+    report = run_check(
+        "tests.isolation_targets:hangs_on_second_alloc@", budget=20, seed=1, machines=["SlotMachine"], max_steps=6
+    )
     finding = report.finding
     assert finding is not None and finding.invariant == "HANG", finding
     assert "did not return within 0.25s" in finding.detail

@@ -77,7 +77,9 @@ def test_clear_inside_a_free_group(machine: str) -> None:
 def test_sglang_contract_keeps_misplaced_group_calls_and_unaligned_tails_away() -> None:
     """The events are not recorded regardless: under sglang's contract (groups paired, tails
     page aligned and non-empty) the machines make none of those calls."""
-    restricted = {reach.DOUBLE_GROUP_END, reach.NESTED_BEGIN_WITH_PENDING_FREES, reach.labelled(reach.SWA_TAIL_LENGTH, 0)}
+    restricted = {
+        reach.DOUBLE_GROUP_END, reach.NESTED_BEGIN_WITH_PENDING_FREES, reach.labelled(reach.SWA_TAIL_LENGTH, 0)
+    }
     seen = set(events("RequestMachinePS4", "sglang contract"))
     assert not restricted & seen
     assert reach.labelled(reach.SWA_TAIL_OFFSET, 0) in seen  # the aligned tails are still made

@@ -111,7 +111,9 @@ def test_each_probe_violation_is_reported_once_with_its_items(
     assert all(r.source == "probe" and r.checked_step == r.reported_step == 1 for r in records)
     assert [parse_record(line) for line in canary_lines(caplog)] == records
     levels = {r.getMessage(): r.levelno for r in caplog.records}
-    assert all(levels[format_record(r)] == (logging.ERROR if r.severity == "FATAL" else logging.WARNING) for r in records)
+    assert all(
+        levels[format_record(r)] == (logging.ERROR if r.severity == "FATAL" else logging.WARNING) for r in records
+    )
     stats = monitor.stats()
     assert stats.checks == 5 and stats.records == len(bug.fires)
     assert stats.by_invariant == {(r.invariant, r.severity): 1 for r in records}
@@ -205,7 +207,8 @@ def test_a_step_without_a_batch_or_window_runs_only_the_probes(logger: logging.L
 # ------------------------------------------------------------- records
 def sample_record(**changes) -> CanaryRecord:
     record = CanaryRecord(
-        invariant=Name.WINDOW, severity="FATAL", source="divergence", count=3, indices=(4, 7), detail="in-window tokens",
+        invariant=Name.WINDOW, severity="FATAL", source="divergence", count=3, indices=(4, 7),
+        detail="in-window tokens",
         checked_step=16, reported_step=17, monitor="m", snapshot="/tmp/s.pt", time=1700000000.25,
     )
     return replace(record, **changes)
@@ -277,7 +280,9 @@ def test_a_violation_is_reported_again_only_when_its_items_change(logger: loggin
     monitor.step()
     stale_on(allocator, 5)  # seen before: not reported again
     monitor.step()
-    assert [(r.invariant, r.indices, r.checked_step) for r in monitor.recent()] == [(Name.STALE, (5,), 1), (Name.STALE, (6,), 11)]
+    assert [(r.invariant, r.indices, r.checked_step) for r in monitor.recent()] == [
+        (Name.STALE, (5,), 1), (Name.STALE, (6,), 11)
+    ]
 
 
 def test_the_ring_keeps_only_the_latest_records(logger: logging.Logger) -> None:
@@ -464,7 +469,8 @@ def test_prometheus_counters_and_gauges(logger: logging.Logger, monkeypatch: pyt
     assert value("swa_canary_violations_total", {**labels, "source": "probe"}) == 1
     assert value("swa_canary_checks_total", {"monitor": "m1"}) == 3
     assert value("swa_canary_checks_total", {"monitor": "m2"}) == 3
-    assert value("swa_canary_violating_items", {"monitor": "m1", "invariant": Name.SWA_LE_FULL, "source": "divergence"}) == 2
+    divergence = {"monitor": "m1", "invariant": Name.SWA_LE_FULL, "source": "divergence"}
+    assert value("swa_canary_violating_items", divergence) == 2
     assert value("swa_canary_violating_items", {"monitor": "m2", "invariant": Name.SENTINEL, "source": "probe"}) == 0
     assert value("swa_canary_divergence_tokens", {"monitor": "m1", "kind": "shared"}) == 2
     assert value("swa_canary_enabled", {"monitor": "m1"}) == 1
@@ -522,7 +528,9 @@ def test_replay_rejects_what_is_not_a_snapshot(tmp_path, capsys: pytest.CaptureF
     garbage.write_bytes(b"not a torch file")
     wrong = tmp_path / "wrong.pt"
     torch.save({"format": "something else"}, wrong)
-    for path, message in ((garbage, "is not a canary snapshot"), (wrong, "keys"), (tmp_path / "missing.pt", "no snapshot file")):
+    for path, message in (
+        (garbage, "is not a canary snapshot"), (wrong, "keys"), (tmp_path / "missing.pt", "no snapshot file")
+    ):
         with pytest.raises(SnapshotError, match=message):
             Snapshot.load(path)
         assert main(["replay", str(path)]) == 2

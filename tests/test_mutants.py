@@ -40,7 +40,9 @@ def check_mutant(name: str, differential: bool = False) -> CheckReport:
 def test_mutant_is_caught_by_an_invariant_it_breaks(name: str) -> None:
     report = check_mutant(name)
     finding = report.finding
-    assert finding is not None, f"{name} escaped: {report.programs} programs, {report.steps} steps in {report.seconds:.0f}s"
+    assert finding is not None, (
+        f"{name} escaped: {report.programs} programs, {report.steps} steps in {report.seconds:.0f}s"
+    )
     assert finding.invariant != Name.CRASH, f"{name} was caught only by a crash:\n{finding.explain()}"
     assert set(finding.invariants) & set(MUTANTS[name].breaks), (
         f"{name} breaks {MUTANTS[name].breaks} but was caught by {finding.invariants}:\n{finding.explain()}"

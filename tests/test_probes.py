@@ -488,7 +488,9 @@ steps = st.one_of(
     decode_step,
     decode_step,
     st.tuples(st.just("finish"), picks),
-    st.tuples(st.just("group"), st.lists(st.tuples(st.sampled_from(["evict", "finish"]), picks), min_size=1, max_size=3)),
+    st.tuples(
+        st.just("group"), st.lists(st.tuples(st.sampled_from(["evict", "finish"]), picks), min_size=1, max_size=3)
+    ),
     st.tuples(st.just("clear")),
     st.tuples(st.just("restore"), st.lists(st.one_of(start, extend_step), max_size=2)),
 )
@@ -625,7 +627,9 @@ names_or_all = st.one_of(st.none(), st.lists(st.sampled_from(list(INVARIANTS)), 
 
 
 @requires_triton
-@settings(max_examples=300 if HAS_CUDA else 25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300 if HAS_CUDA else 25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     seed=st.integers(0, 2**31 - 1),
     page_size=st.sampled_from([1, 2, 3, 4, 16]),

@@ -20,7 +20,9 @@ class PaddedLayout(SWATokenToKVPoolAllocator):
     def __init__(self, size: int, size_swa: int) -> None:
         super().__init__(size, size_swa, 1, torch.float16, "cpu")
         spare = torch.zeros(size_swa - 1, dtype=torch.int64)
-        self.full_to_swa_index_mapping = torch.cat((self.full_to_swa_index_mapping[: size + 1], spare, torch.zeros(1, dtype=torch.int64)))
+        self.full_to_swa_index_mapping = torch.cat(
+            (self.full_to_swa_index_mapping[: size + 1], spare, torch.zeros(1, dtype=torch.int64))
+        )
 
     def available_size(self) -> int:
         raise NotImplementedError

@@ -14,8 +14,8 @@ import torch
 
 from allocator import SWATokenToKVPoolAllocator
 from canary.invariants import Name
-from properties.runners.check import run_check
 from properties.machines import machine_classes
+from properties.runners.check import run_check
 from properties.targets import (
     RESTRICTIONS,
     SGLANG_CONTRACT,
@@ -46,7 +46,10 @@ class Refusing(SWATokenToKVPoolAllocator):
     @classmethod
     def factory(cls) -> Callable[[AllocatorConfig], SWATokenToKVPoolAllocator]:
         def build(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
-            return cls(config.size, config.size_swa, config.page_size, config.dtype, config.device, need_sort=config.need_sort, checked=True)
+            return cls(
+                config.size, config.size_swa, config.page_size, config.dtype, config.device,
+                need_sort=config.need_sort, checked=True,
+            )
 
         build.__name__ = cls.__name__
         return build

@@ -143,14 +143,18 @@ class MappingLayout:
     PADDED = "padded"
 
 
-def _token_entries(mapping: Tensor, size_full: int, page_size: int, allocator: object) -> tuple[Tensor, tuple[str, ...]]:
+def _token_entries(
+    mapping: Tensor, size_full: int, page_size: int, allocator: object
+) -> tuple[Tensor, tuple[str, ...]]:
     layout = getattr(allocator, "mapping_layout", MappingLayout.SENTINEL)
     if layout == MappingLayout.SENTINEL:
         return mapping, ()
     if layout != MappingLayout.PADDED:
         raise ProbeInputError(f"unknown mapping_layout {layout!r}; known: sentinel, padded")
     if not isinstance(mapping, Tensor) or mapping.dim() != 1 or mapping.numel() < size_full + page_size:
-        raise ProbeInputError(f"a padded mapping needs at least {size_full + page_size} entries, got {_describe_value(mapping)}")
+        raise ProbeInputError(
+            f"a padded mapping needs at least {size_full + page_size} entries, got {_describe_value(mapping)}"
+        )
     entries = mapping[: size_full + page_size]
     return torch.cat((entries, entries.new_full((1,), -1))), ("SENTINEL",)
 
@@ -323,7 +327,9 @@ def _implementation(impl: str, device: torch.device) -> ModuleType:
         # Interpreted kernels copy every tensor to the host: never the automatic choice.
         return _probes_torch
     if device.type != "cuda" and not _probes_triton.INTERPRETED:
-        raise ProbeInputError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}")
+        raise ProbeInputError(
+            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}"
+        )
     return _probes_triton
 
 

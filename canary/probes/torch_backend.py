@@ -182,7 +182,8 @@ class _Layout:
         self.offsets = _on(device, torch.tensor([0, *run_offsets, 0]))
         spare = len(run_offsets) + 1
         self.amount_runs = _on(
-            device, torch.tensor([amount_runs.get(Kind.FULL_EXCESS, spare), amount_runs.get(Kind.SWA_EXCESS, spare), spare])
+            device,
+            torch.tensor([amount_runs.get(Kind.FULL_EXCESS, spare), amount_runs.get(Kind.SWA_EXCESS, spare), spare]),
         )
         bounds = torch.tensor(bounds, dtype=torch.int64)
         self.bounds = _on(device, bounds.T.reshape(2, -1, 1).contiguous())

@@ -372,7 +372,8 @@ class _Layout:
         self.paged = ps > 1
         rows_and_tags = {check.kind: (row, check.tag) for row, checks in enumerate(plan.checks) for check in checks}
         table = torch.tensor([rows_and_tags.get(kind, (-1, -1)) for kind in Kind], dtype=torch.int64)
-        self.plan_table = table.to(device) if device.type != "cuda" else table.pin_memory().to(device, non_blocking=True)
+        on_cuda = device.type == "cuda"
+        self.plan_table = table.pin_memory().to(device, non_blocking=True) if on_cuda else table.to(device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -418,7 +419,8 @@ def pack(mapping: Tensor, full_free: Tensor, swa_free: Tensor, plan: Plan) -> Te
             PP=_MAX_PROBES, KP1=triton.next_power_of_2(layout.width + 1), CHUNK=_CHUNK,
         )
         if layout.width:
-            _collect_kernel[(layout.entry_blocks + layout.unit_blocks + layout.full_bin_blocks + layout.swa_bin_blocks,)](
+            collect_grid = layout.entry_blocks + layout.unit_blocks + layout.full_bin_blocks + layout.swa_bin_blocks
+            _collect_kernel[(collect_grid,)](
                 mapping, counts, block_counts, block_ranks, layout.plan_table, out, **sizes,
                 rows_total=layout.rows, ps=layout.ps, swa_slots=layout.swa_slots,
                 full_units=layout.full_units, swa_units=layout.swa_units, **blocks_of, width=layout.width,

@@ -220,7 +220,10 @@ class Campaign:
         reader, writer = self.context.Pipe(duplex=False)
         current = self.context.Array("q", [-1, 0, 0], lock=False)
         process = self.context.Process(
-            target=worker_main, args=(plan, writer, self.stop_event, current), name=f"swa-canary-worker-{slot}", daemon=True
+            target=worker_main,
+            args=(plan, writer, self.stop_event, current),
+            name=f"swa-canary-worker-{slot}",
+            daemon=True,
         )
         process.start()
         writer.close()
@@ -401,7 +404,10 @@ class Campaign:
             "new_findings": list(self.totals.new_findings),
             "still_failing": sorted(name for name, (outcome, _) in self.known.items() if outcome != PASSES),
             "fixed": sorted(name for name, (outcome, _) in self.known.items() if outcome == PASSES),
-            **{key: status[key] for key in ("elapsed", "examples", "steps", "steps_per_s", "calls", "events", "crashes", "restarts")},
+            **{
+                key: status[key]
+                for key in ("elapsed", "examples", "steps", "steps_per_s", "calls", "events", "crashes", "restarts")
+            },
         }
 
 

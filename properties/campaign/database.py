@@ -58,7 +58,9 @@ class ResilientRedisDatabase(ExampleDatabase):
             import redis
             from hypothesis.extra.redis import RedisExampleDatabase
         except ImportError as error:
-            raise CampaignDatabaseError(f"--db {url} needs the redis extra (pip install 'swa-canary[redis]'): {error}") from None
+            raise CampaignDatabaseError(
+                f"--db {url} needs the redis extra (pip install 'swa-canary[redis]'): {error}"
+            ) from None
         self.local = local
         self.url = url
         self.retry_seconds = retry_seconds

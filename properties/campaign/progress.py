@@ -33,7 +33,10 @@ def event_line(record: dict) -> str:
             f"via {record['via']}){again}: {record['path']}"
         )
     if kind == "crash":
-        return f"worker {record['worker']} died ({record['status']}) in {record['machine']} seed {record['seed']}: {record['path']}"
+        return (
+            f"worker {record['worker']} died ({record['status']}) "
+            f"in {record['machine']} seed {record['seed']}: {record['path']}"
+        )
     if kind == "resume":
         return (
             f"resumed with {record['known']} exported findings: {len(record['still_failing'])} still fail, "

@@ -116,6 +116,8 @@ def replay_finding(directory: Path, target: str | None = None, isolate: bool = F
         print({CRASHES: "still crashes", FAILS: "no longer crashes, but fails", PASSES: "passes"}[outcome]
               + (f": {detail}" if detail else ""))
         return {PASSES: 0, FAILS: 1, CRASHES: 1}[outcome]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(directory), report["test"]]
+    command = [
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(directory), report["test"]
+    ]
     completed = subprocess.run(command, cwd=directory, env={**os.environ, "SWA_TARGET": target, "SWA_DEVICE": device})
     return {0: 0, 1: 1}.get(completed.returncode, 2)

@@ -137,7 +137,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.expectation = Expectation(method, expected, True, live_before)
         if expected is None:
             full, swa = self.model.full.available(), self.model.swa.available()
-            event("allocation failed: SWA pool ran out first" if swa < full else "allocation failed: full pool exhausted")
+            event(
+                "allocation failed: SWA pool ran out first" if swa < full else "allocation failed: full pool exhausted"
+            )
             return None
         if self.model.full.available() == 0:
             event(reach.FILLED_FULL_POOL)
@@ -171,7 +173,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         offsets (all of them where it has none there): freeing any token frees the page."""
         if not self.allows("free_full"):
             ending = "free"
-        elif ending == "free" and released and self.model.page_size == 1 and not self.allows("free_of_released_swa_peers_at_ps1"):
+        elif ending == "free" and released and self.model.page_size == 1 and not self.allows(
+            "free_of_released_swa_peers_at_ps1"
+        ):
             ending = "free_full_then_free"
         if ending == "free":
             calls = [("free", tokens)]

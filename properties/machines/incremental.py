@@ -206,7 +206,9 @@ class StepCheck:
             tokens = {page * ps + offset for page in {token // ps for token in tokens} for offset in range(ps)}
         return sorted(token for token in tokens if 0 <= token < model.mapping_len - 1)
 
-    def _touched_agree(self, model: SWAModel, tokens: list[int], result: Tensor | None, expectation: Expectation) -> bool:
+    def _touched_agree(
+        self, model: SWAModel, tokens: list[int], result: Tensor | None, expectation: Expectation
+    ) -> bool:
         """Mapping and translation at the touched slots and at the sentinel, the result, and
         each free list's ends as far as the step changed them, read back in one copy."""
         allocator = self.allocator

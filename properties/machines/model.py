@@ -180,7 +180,8 @@ class SWAModel:
         full_plan = self._extend_plan(prefix_lens, seq_lens)
         if not (self.full.can_serve(full_plan) and self.swa.can_serve(full_plan)):
             return None
-        threshold = sum(seq - prefix for prefix, seq in zip(prefix_lens, seq_lens)) // self.page_size + len(seq_lens) + 1
+        tokens = sum(seq - prefix for prefix, seq in zip(prefix_lens, seq_lens))
+        threshold = tokens // self.page_size + len(seq_lens) + 1
         full_slots = self._extend(self.full, prefix_lens, seq_lens, last_locs, threshold)
         swa_slots = self._extend(self.swa, prefix_lens, seq_lens, swa_last_locs, threshold)
         self.mapping.update(zip(full_slots, swa_slots))

@@ -43,7 +43,9 @@ def count_events(statistics: dict, into: Counter) -> None:
     for phase in statistics.values():
         if isinstance(phase, dict):
             for case in phase.get("test-cases", ()):
-                into.update(event for event in case.get("events", ()) if not event.startswith(HYPOTHESIS_EVENT_PREFIXES))
+                into.update(
+                    event for event in case.get("events", ()) if not event.startswith(HYPOTHESIS_EVENT_PREFIXES)
+                )
 
 
 def events_of(machine: type[RuleBasedStateMachine], examples: int, seed: int = 0) -> Counter:

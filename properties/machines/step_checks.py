@@ -128,7 +128,9 @@ def _check_result(
     repeated = [token for token in set(result) if result.count(token) > 1]
     reused = [token for token in result if token in expectation.live_before]
     if repeated or reused:
-        found.append(violation(Name.NODUP, repeated + reused, f"{expectation.call} returned slots twice or slots in use"))
+        found.append(
+            violation(Name.NODUP, repeated + reused, f"{expectation.call} returned slots twice or slots in use")
+        )
     padding = [token for token in result if token < page_size]
     if padding:
         found.append(violation(Name.PAD, padding, f"{expectation.call} handed out the padding slot or page"))
@@ -169,7 +171,8 @@ def _check_mapping(observed: Observed, model: SWAModel, live_tokens: set[int]) -
             violation(
                 Name.SWA_LE_FULL,
                 orphaned + wild,
-                f"SWA units allocated but no live peer: {orphaned[:8]}; live peers on unallocated SWA units: {wild[:8]}",
+                f"SWA units allocated but no live peer: {orphaned[:8]}; "
+                f"live peers on unallocated SWA units: {wild[:8]}",
             )
         )
     return found
@@ -221,8 +224,16 @@ def _check_contract(observed: Observed, model: SWAModel, expectation: Expectatio
         wrong = [t for t, (a, b) in enumerate(zip(observed.mapping, model.dense_mapping())) if a != b]
         differences.append(f"mapping differs at {wrong[:8]}")
     for name, got, want in (
-        ("full free list", _staged_sorted(observed.full_free, model.full), _staged_sorted(model.full.all_free(), model.full)),
-        ("swa free list", _staged_sorted(observed.swa_free, model.swa), _staged_sorted(model.swa.all_free(), model.swa)),
+        (
+            "full free list",
+            _staged_sorted(observed.full_free, model.full),
+            _staged_sorted(model.full.all_free(), model.full),
+        ),
+        (
+            "swa free list",
+            _staged_sorted(observed.swa_free, model.swa),
+            _staged_sorted(model.swa.all_free(), model.swa),
+        ),
         ("full_available", observed.full_available, model.full.available()),
         ("swa_available", observed.swa_available, model.swa.available()),
         ("available", observed.available, model.available()),

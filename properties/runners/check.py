@@ -201,7 +201,9 @@ def _update(report: CheckReport, stats: Stats, started: float) -> None:
     report.seconds = time.monotonic() - started
 
 
-def print_progress(stream: TextIO = sys.stderr, interval: float = 10.0, tty: bool | None = None) -> Callable[[CheckReport], None]:
+def print_progress(
+    stream: TextIO = sys.stderr, interval: float = 10.0, tty: bool | None = None
+) -> Callable[[CheckReport], None]:
     """A progress callback for `run_check`: on a terminal one line redrawn in place every 2 s;
     elsewhere (a log, CI, a pipe) one JSON `status` line every `interval` seconds, as `fuzz`
     writes them.

@@ -95,7 +95,9 @@ def measured(files: list[str]) -> Iterator[CoverageReport]:
         measurer.stop()
         # The files were imported before measuring began: their import-time statements ran.
         # Recorded as entries into each line (arc -1 -> line), which no branch counts.
-        measurer.get_data().add_arcs({path: [(-1, line) for line in sorted(_import_time_lines(path))] for path in files})
+        measurer.get_data().add_arcs(
+            {path: [(-1, line) for line in sorted(_import_time_lines(path))] for path in files}
+        )
         _fill(report, measurer)
 
 

@@ -224,7 +224,8 @@ def _check_source(step: ReferenceStep, label: str, out: str) -> str:
         f"    check(allocator, {out}, {label!r}, result={result}, sizes={expected['sizes']!r},\n"
         f"          mapping={expected['mapping']!r},\n"
         f"          full_free=({render_indices(full_ready)}, {render_indices(full_staged)}),\n"
-        f"          swa_free=({render_indices(swa_ready)}, {render_indices(swa_staged)}), group={expected['group']!r})\n"
+        f"          swa_free=({render_indices(swa_ready)}, {render_indices(swa_staged)}), "
+        f"group={expected['group']!r})\n"
     )
 
 
@@ -368,5 +369,7 @@ def exported_findings(findings_dir: Path) -> list[Path]:
     """Every complete finding directory (scratch directories start with a dot)."""
     if not findings_dir.is_dir():
         return []
-    return sorted(path for path in findings_dir.iterdir() if not path.name.startswith(".") and (path / REPORT_NAME).is_file())
+    return sorted(
+        path for path in findings_dir.iterdir() if not path.name.startswith(".") and (path / REPORT_NAME).is_file()
+    )
 

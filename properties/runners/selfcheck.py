@@ -151,7 +151,9 @@ class SelfCheckReport:
         if summary["escaped"]:
             lines.append(f"ESCAPED: {', '.join(summary['escaped'])}")
         if reference.finding is None:
-            lines.append(f"reference: clean, {reference.programs} programs, {reference.steps} steps in {reference.seconds:.1f}s")
+            lines.append(
+                f"reference: clean, {reference.programs} programs, {reference.steps} steps in {reference.seconds:.1f}s"
+            )
         else:
             lines.append("reference FAILED:\n" + reference.finding.explain())
         return "\n".join(lines)

@@ -160,7 +160,11 @@ def with_contract_changes(target: Target, relax: Iterable[str] = (), restrict: I
     )
     if after == before:
         return target
-    changes = [("+" if getattr(after, name) else "-") + name for name in RESTRICTIONS if getattr(after, name) != getattr(before, name)]
+    changes = [
+        ("+" if getattr(after, name) else "-") + name
+        for name in RESTRICTIONS
+        if getattr(after, name) != getattr(before, name)
+    ]
     # Capabilities stay: a relaxed contract never asks for a call the target cannot take.
     return Target(f"{target.name} [{' '.join(changes)}]", target.factory, after, target.capabilities)
 
@@ -259,7 +263,9 @@ def check_target_builds(target: Target, device: str) -> None:
     try:
         allocator = target.factory(config)
     except Exception as error:  # whatever the factory raises, the target is unusable
-        raise TargetError(f"target {target.name!r} cannot build an allocator: {type(error).__name__}: {error}") from None
+        raise TargetError(
+            f"target {target.name!r} cannot build an allocator: {type(error).__name__}: {error}"
+        ) from None
     missing = missing_interface(allocator, target.contract)
     if missing:
         raise TargetError(

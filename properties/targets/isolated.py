@@ -125,7 +125,11 @@ class WorkerServer:
         command = [self.python, "-m", "properties.targets.worker_main", str(theirs.fileno()), self.spec]
         try:
             self.process = subprocess.Popen(
-                command, pass_fds=(theirs.fileno(),), env=worker_environment(), stdin=subprocess.DEVNULL, start_new_session=True
+                command,
+                pass_fds=(theirs.fileno(),),
+                env=worker_environment(),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         except OSError as error:
             raise TargetError(f"cannot start {self.python}: {error}") from error
@@ -142,7 +146,9 @@ class WorkerServer:
         if hello[0] == "error":
             raise TargetError(f"{where}: {hello[1]}")
         if hello[0] != "hello" or hello[1] != PROTOCOL:
-            raise TargetError(f"{where} speaks protocol {hello[1:2]}, this harness {PROTOCOL}: run both from one checkout")
+            raise TargetError(
+                f"{where} speaks protocol {hello[1:2]}, this harness {PROTOCOL}: run both from one checkout"
+            )
         return hello
 
     def _reply(self) -> list[Any] | None:
@@ -285,7 +291,8 @@ class IsolatedAllocator:
         self.close = weakref.finalize(self, server.release, self.session)
         self.read_back = ReadBack()
         self.full_attn_allocator, self.swa_attn_allocator = _PoolView(self.read_back, 1), _PoolView(self.read_back, 2)
-        build = ["build", config.size, config.size_swa, config.page_size, config.device, config.need_sort, str(config.dtype).removeprefix("torch.")]
+        dtype = str(config.dtype).removeprefix("torch.")
+        build = ["build", config.size, config.size_swa, config.page_size, config.device, config.need_sort, dtype]
         ready = self._exchange(build, "__init__")
         methods, self.mapping_layout, self.page_size, self.size_full, self.size_swa, state = ready[1:]
         self.methods = frozenset(methods)
@@ -303,7 +310,9 @@ class IsolatedAllocator:
             reply = receive(self.session.sock, "cpu")
         except TimeoutError:
             code = self._end()
-            raise TargetHung(f"{what} did not return within {self.call_timeout:g}s; the target's process {describe_exit(code)}") from None
+            raise TargetHung(
+                f"{what} did not return within {self.call_timeout:g}s; the target's process {describe_exit(code)}"
+            ) from None
         except OSError:
             reply = None
         except BaseException:  # interrupted mid-call (Ctrl-C, a campaign stopping): the session is unusable
@@ -332,7 +341,9 @@ class IsolatedAllocator:
 
     def _call(self, method: str, *args: Any) -> Any:
         what = f"{method}()" if not args else f"{method}(...)"
-        wire_args = [OnDevice(arg) if isinstance(arg, torch.Tensor) and arg.device.type != "cpu" else arg for arg in args]
+        wire_args = [
+            OnDevice(arg) if isinstance(arg, torch.Tensor) and arg.device.type != "cpu" else arg for arg in args
+        ]
         _ok, result, state = self._exchange(["call", method, *wire_args], what)
         self.read_back.keep(state)
         return result.to(self.device) if isinstance(result, torch.Tensor) and self.device != "cpu" else result
@@ -369,7 +380,9 @@ class IsolatedAllocator:
         if kv_indices.numel() == count and kv_indices.device.type == "cpu":
             if torch.equal(kv_indices, torch.arange(first, first + count)):
                 return translated
-        _ok, result = self._exchange(["query", "translate_loc_from_full_to_swa", OnDevice(kv_indices)], "translate_loc_from_full_to_swa(...)")
+        _ok, result = self._exchange(
+            ["query", "translate_loc_from_full_to_swa", OnDevice(kv_indices)], "translate_loc_from_full_to_swa(...)"
+        )
         return result
 
     # ---------------------------------------------------------------- the calls

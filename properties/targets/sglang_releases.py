@@ -9,7 +9,6 @@ scheduler keeps it; it is moot (left unset) where the release cannot take the ca
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 from properties.targets import TargetCapabilities, TargetContract, TargetError
@@ -70,4 +69,6 @@ def sglang_contract(version: str, capabilities: TargetCapabilities) -> TargetCon
         "swa_tail_page_aligned": not capabilities.alloc_extend_swa_tail,
         "free_group_calls_paired": not capabilities.free_groups,
     }
-    return TargetContract(**{name: key >= kept_from and not moot.get(name, False) for name, kept_from in KEPT_FROM.items()})
+    return TargetContract(
+        **{name: key >= kept_from and not moot.get(name, False) for name, kept_from in KEPT_FROM.items()}
+    )

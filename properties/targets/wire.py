@@ -105,7 +105,9 @@ def _decode(body: bytearray, offset: int, device: str) -> tuple[Any, int]:
         if tag in (b"a", b"A"):
             if offset + count * 8 > len(body):
                 raise WireError("a tensor runs past the end of its frame")
-            tensor = torch.frombuffer(body, dtype=torch.int64, count=count, offset=offset) if count else torch.empty(0, dtype=torch.int64)
+            tensor = torch.frombuffer(body, dtype=torch.int64, count=count, offset=offset) if count else torch.empty(
+                0, dtype=torch.int64
+            )
             return (tensor.to(device) if tag == b"A" else tensor), offset + count * 8
         if tag == b"l":
             items = []

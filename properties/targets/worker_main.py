@@ -128,7 +128,10 @@ class Session:
         allocator = self.allocator
         methods = [method for method in SPEC_CALLS if callable(getattr(allocator, method, None))]
         layout = str(getattr(allocator, "mapping_layout", MappingLayout.SENTINEL))
-        sizes = [getattr(allocator, "size_full", None) or getattr(allocator, "size", size), getattr(allocator, "size_swa", size_swa)]
+        sizes = [
+            getattr(allocator, "size_full", None) or getattr(allocator, "size", size),
+            getattr(allocator, "size_swa", size_swa),
+        ]
         page = getattr(allocator, "page_size", page_size)
         return ["ready", methods, layout, *(_plain_int(value) for value in (page, *sizes)), read_state(allocator)]
 
@@ -225,7 +228,9 @@ def main(argv: list[str]) -> int:
     warm_up()
     gc.freeze()  # the sessions' garbage collector leaves what is here alone: fewer pages copied
     restrictions, missing = target.contract.restrictions(), target.capabilities.missing()
-    control.sendall(encode(["hello", PROTOCOL, target.name, restrictions, missing, sys.version.split()[0], torch.__version__]))
+    control.sendall(
+        encode(["hello", PROTOCOL, target.name, restrictions, missing, sys.version.split()[0], torch.__version__])
+    )
     serve_forks(control, target)
     return 0
 

@@ -80,3 +80,10 @@ def test_the_installed_release_is_found_and_its_capabilities_read() -> None:
     target = resolve_target("sglang")
     assert target.capabilities == capabilities
     assert with_contract_changes(target, relax=["all"]).capabilities == capabilities
+
+
+def test_the_command_line_check_accepts_the_installed_release() -> None:
+    from properties.cli import main
+
+    # 0 or 1 (a finding) both mean the release was driven; 2 would be a refused target.
+    assert main(["check", "--target", "sglang", "--budget", "1", "--seed", "1"]) in (0, 1)

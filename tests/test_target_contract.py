@@ -26,6 +26,7 @@ from properties.targets import (
     TargetContract,
     TargetError,
     as_target,
+    check_target_builds,
     reference_factory,
     with_contract_changes,
 )
@@ -219,3 +220,23 @@ def test_a_factory_names_its_capabilities() -> None:
     factory.capabilities = {"free_groups": False}
     with pytest.raises(TargetError, match="not TargetCapabilities"):
         as_target(factory)
+
+
+class WithoutFreeFullOrBackup(SWATokenToKVPoolAllocator):
+    """An older release's interface: no free_full, no backup_state / restore_state."""
+
+    free_full = None
+    backup_state = None
+    restore_state = None
+
+
+def test_a_target_needs_only_the_methods_its_capabilities_call() -> None:
+    def factory(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
+        return WithoutFreeFullOrBackup(config.size, config.size_swa, config.page_size, config.dtype, config.device)
+
+    with pytest.raises(TargetError, match="it has no free_full, backup_state, restore_state"):
+        check_target_builds(Target("old", factory), "cpu")
+    capabilities = TargetCapabilities(free_full=False, backup_restore=False)
+    check_target_builds(Target("old", factory, SPEC_CONTRACT, capabilities), "cpu")
+    with pytest.raises(TargetError, match="it has no free_full$"):
+        check_target_builds(Target("old", factory, SPEC_CONTRACT, TargetCapabilities(backup_restore=False)), "cpu")

@@ -228,25 +228,39 @@ SPEC_METHODS = (
     "free_group_begin", "free_group_end", "clear", "available_size", "full_available_size",
     "swa_available_size", "translate_loc_from_full_to_swa",
 )
-"""The SPEC §1 calls the machines make on every target."""
+"""The SPEC §1 calls the machines make on a target that has every capability."""
 STATE_METHODS = ("backup_state", "restore_state")
 """Called unless the contract restricts `no_backup_restore`."""
+CAPABILITY_METHODS = {
+    "alloc_extend_swa_tail": ("alloc_extend_swa_tail",),
+    "free_full": ("free_full",),
+    "free_groups": ("free_group_begin", "free_group_end"),
+    "backup_restore": STATE_METHODS,
+}
+"""The methods the machines call only on a target with that capability (TargetCapabilities)."""
 SPEC_ATTRIBUTES = ("full_to_swa_index_mapping", "page_size", "full_attn_allocator", "swa_attn_allocator")
 """What the checks and probes read."""
 PROBE_CONFIG = AllocatorConfig(size=8, size_swa=8, page_size=1)
 
 
-def missing_interface(allocator: object, contract: TargetContract) -> list[str]:
-    """The SPEC §1 methods and attributes `allocator` lacks (a method must be callable).
+def missing_interface(
+    allocator: object, contract: TargetContract, capabilities: TargetCapabilities = FULL_CAPABILITIES
+) -> list[str]:
+    """The SPEC §1 methods and attributes `allocator` lacks (a method must be callable), of
+    those the machines call on this target.
 
     Args:
         allocator: what a target's factory built.
         contract: the target's contract (backup / restore are needed only when it calls them).
+        capabilities: what the target can be called with (a method it cannot take is not needed).
     Returns:
         The missing names, in SPEC order; empty if it offers the whole interface.
     """
     methods = SPEC_METHODS if contract.no_backup_restore else (*SPEC_METHODS, *STATE_METHODS)
-    missing = [name for name in methods if not callable(getattr(allocator, name, None))]
+    not_called = {
+        method for capability, names in CAPABILITY_METHODS.items() if not getattr(capabilities, capability) for method in names
+    }
+    missing = [name for name in methods if name not in not_called and not callable(getattr(allocator, name, None))]
     return missing + [name for name in SPEC_ATTRIBUTES if not hasattr(allocator, name)]
 
 
@@ -266,7 +280,7 @@ def check_target_builds(target: Target, device: str) -> None:
         raise TargetError(
             f"target {target.name!r} cannot build an allocator: {type(error).__name__}: {error}"
         ) from None
-    missing = missing_interface(allocator, target.contract)
+    missing = missing_interface(allocator, target.contract, target.capabilities)
     if missing:
         raise TargetError(
             f"target {target.name!r} built a {type(allocator).__name__}, not an SWA allocator: "

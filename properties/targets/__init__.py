@@ -257,9 +257,8 @@ def missing_interface(
         The missing names, in SPEC order; empty if it offers the whole interface.
     """
     methods = SPEC_METHODS if contract.no_backup_restore else (*SPEC_METHODS, *STATE_METHODS)
-    not_called = {
-        method for capability, names in CAPABILITY_METHODS.items() if not getattr(capabilities, capability) for method in names
-    }
+    lacking = [names for capability, names in CAPABILITY_METHODS.items() if not getattr(capabilities, capability)]
+    not_called = {method for names in lacking for method in names}
     missing = [name for name in methods if name not in not_called and not callable(getattr(allocator, name, None))]
     return missing + [name for name in SPEC_ATTRIBUTES if not hasattr(allocator, name)]
 

@@ -26,6 +26,12 @@ from properties.targets import Factory, Target, as_target
 from properties.targets.isolated import IsolationError, TargetHung
 
 EXAMPLES_PER_RUN = 8
+SHRINKING_STEPS_PER_PROGRAM = 15
+"""Rules per program at most in a check that shrinks (the ci profile's 40 otherwise). Shrinking
+takes time in proportion to the failing program's length, and every mutant of the catalogue
+fails within 8 rules: over the catalogue the minimal program comes 3-5x sooner (BENCHMARKS.md).
+Every distinct failure is shrunk (report_multiple_bugs), so that a crash found on the way never
+stands in for an invariant violation."""
 
 
 @dataclass
@@ -153,8 +159,9 @@ def run_check(
 
     shrink=False reports the first failing program as found: the finding's time is then the
     time to detect, and its program is not minimal (shrinking usually takes far longer).
-    max_steps bounds the rules of a program (default: the ci profile's); shorter programs shrink
-    in fewer replays, which matters when each failing replay waits out a call timeout (HANG)."""
+    max_steps bounds the rules of a program (default: SHRINKING_STEPS_PER_PROGRAM when shrinking,
+    else the ci profile's); shorter programs shrink in fewer replays, which matters when each
+    failing replay waits out a call timeout (HANG)."""
     master = random.randrange(2**32) if seed is None else seed
     rng = random.Random(master)
     bound = as_target(target)
@@ -168,8 +175,7 @@ def run_check(
         derandomize=False,
         database=None,
         phases=check_phases(shrink),
-        report_multiple_bugs=False,
-        stateful_step_count=max_steps or settings.get_profile("ci").stateful_step_count,
+        stateful_step_count=max_steps or (SHRINKING_STEPS_PER_PROGRAM if shrink else settings.get_profile("ci").stateful_step_count),
     )
     started = time.monotonic()
     try:

@@ -169,13 +169,14 @@ def run_check(
     names = machines or sorted(classes)
     stats = Stats()
     report = CheckReport(bound.name, device, master, budget)
+    steps = max_steps or (SHRINKING_STEPS_PER_PROGRAM if shrink else settings.get_profile("ci").stateful_step_count)
     run_settings = settings(
         settings.get_profile("ci"),
         max_examples=EXAMPLES_PER_RUN,
         derandomize=False,
         database=None,
         phases=check_phases(shrink),
-        stateful_step_count=max_steps or (SHRINKING_STEPS_PER_PROGRAM if shrink else settings.get_profile("ci").stateful_step_count),
+        stateful_step_count=steps,
     )
     started = time.monotonic()
     try:

@@ -38,7 +38,7 @@ from allocator import AllocatorError
 from properties.machines import AllocatorMachine, machine_classes
 from properties.machines.driver import AllocatorDriver
 from properties.runners.check import Stats, bind_stats, check_phases
-from properties.settings import prepare_process
+from properties.settings import PROFILES, prepare_process
 from properties.targets import AllocatorConfig, reference_factory
 
 
@@ -132,7 +132,7 @@ def measure(machine: type[AllocatorMachine], seconds: float, pool_tokens: int | 
     checked = bind_stats(recording(machine, harness, pool_tokens), stats)
     floor = empty_machine(machine, empty)
     run_settings = settings(
-        settings.get_profile("ci"), max_examples=10, derandomize=False, database=None, phases=check_phases()
+        PROFILES["ci"], max_examples=10, derandomize=False, database=None, phases=check_phases()
     )
     started, round_seed = time.perf_counter(), 0
     while time.perf_counter() - started < seconds:

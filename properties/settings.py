@@ -3,6 +3,9 @@
 ci       deterministic, no example database, bounded: the same programs on every run.
 dev      the default: a local example database, so failures replay first next time.
 nightly  many long programs, for fuzzing campaigns.
+The profiles are plain settings objects that our runners and the pytest plugin hand to the
+machines; none is registered or loaded globally, so a project's own Hypothesis tests keep
+their own profile (`register_profiles` does that for this repository's tests only).
 The directory database writes each example to its own file, so concurrent pytest-xdist
 workers and campaign processes can share one directory.
 """
@@ -17,19 +20,41 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 DEFAULT_DATABASE = os.path.join(".hypothesis", "examples")
 _SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
-_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=_SLOW_IS_FINE)
+# Built on Hypothesis's own defaults, not on whatever profile the importing process loaded.
+_BASE = settings(settings.get_profile("default"), deadline=None, print_blob=True, suppress_health_check=_SLOW_IS_FINE)
 _LOCAL_DATABASE = DirectoryBasedExampleDatabase(DEFAULT_DATABASE)
 
-settings.register_profile("ci", max_examples=40, stateful_step_count=40, derandomize=True, database=None, **_COMMON)
-settings.register_profile("dev", max_examples=60, stateful_step_count=50, database=_LOCAL_DATABASE, **_COMMON)
-settings.register_profile("nightly", max_examples=5_000, stateful_step_count=100, database=_LOCAL_DATABASE, **_COMMON)
-
-PROFILES = ("ci", "dev", "nightly")
+PROFILES: dict[str, settings] = {
+    "ci": settings(_BASE, max_examples=40, stateful_step_count=40, derandomize=True, database=None),
+    "dev": settings(_BASE, max_examples=60, stateful_step_count=50, database=_LOCAL_DATABASE),
+    "nightly": settings(_BASE, max_examples=5_000, stateful_step_count=100, database=_LOCAL_DATABASE),
+}
 
 
 def default_profile() -> str:
     """`ci` under CI (the CI environment variable), else `dev`."""
     return "ci" if os.environ.get("CI") else "dev"
+
+
+def machine_settings(profile: str | None = None) -> settings:
+    """The settings the machines run under.
+
+    Args:
+        profile: one of PROFILES; any other name, or None, means `default_profile()` (a name
+            given to --hypothesis-profile may be a project's own profile, not one of ours).
+
+    Returns:
+        That profile's settings object.
+    """
+    return PROFILES[profile if profile in PROFILES else default_profile()]
+
+
+def register_profiles() -> None:
+    """Register our profiles under their names with Hypothesis and load the default one, for a
+    test suite whose every Hypothesis test should run under them (this repository's own)."""
+    for name, profile in PROFILES.items():
+        settings.register_profile(name, profile)
+    settings.load_profile(default_profile())
 
 
 def prepare_process() -> None:

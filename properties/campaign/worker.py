@@ -38,7 +38,7 @@ from properties.machines import AllocatorMachine, machine_classes
 from properties.machines.reach import count_events
 from properties.runners.check import Stats, bind_stats, finding_from
 from properties.runners.export import export_finding
-from properties.settings import prepare_process
+from properties.settings import PROFILES, prepare_process
 from properties.targets import resolve_target
 
 SEARCH, DATABASE = 0, 1
@@ -66,7 +66,7 @@ class WorkerPlan:
 def run_settings(database: ExampleDatabase | None, examples_per_run: int, which: int) -> settings:
     """The nightly profile, with short runs so workers report often."""
     return settings(
-        settings.get_profile("nightly"),
+        PROFILES["nightly"],
         max_examples=examples_per_run,
         database=database,
         phases=DATABASE_PHASES if which == DATABASE else SEARCH_PHASES,

@@ -16,6 +16,8 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 from hypothesis.statistics import collector
 
+from properties.settings import PROFILES
+
 SWA_TAIL_LENGTH = "swa tail length"
 """alloc_extend_swa_tail's tail, in tokens (followed by the length up to a page, else 'over a page')."""
 SWA_TAIL_OFFSET = "swa tail starts at page offset"
@@ -60,7 +62,7 @@ def events_of(machine: type[RuleBasedStateMachine], examples: int, seed: int = 0
         Event -> number of programs that recorded it.
     """
     events: Counter = Counter()
-    run = settings(settings.get_profile("ci"), max_examples=examples, phases=[Phase.generate], database=None)
+    run = settings(PROFILES["ci"], max_examples=examples, phases=[Phase.generate], database=None)
     with collector.with_value(lambda statistics: count_events(statistics, events)):
         run_state_machine_as_test(hypothesis_seed(seed)(machine), settings=run)
     return events

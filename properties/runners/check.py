@@ -19,9 +19,9 @@ from hypothesis import Phase, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.stateful import run_state_machine_as_test
 
-import properties.settings  # noqa: F401  registers our "ci" profile over Hypothesis's own
 from canary.invariants import INVARIANTS, InvariantViolation, Name, Severity
 from properties.machines import AllocatorMachine, machine_classes
+from properties.settings import PROFILES
 from properties.targets import Factory, Target, as_target
 from properties.targets.isolated import IsolationError, TargetHung
 
@@ -169,9 +169,9 @@ def run_check(
     names = machines or sorted(classes)
     stats = Stats()
     report = CheckReport(bound.name, device, master, budget)
-    steps = max_steps or (SHRINKING_STEPS_PER_PROGRAM if shrink else settings.get_profile("ci").stateful_step_count)
+    steps = max_steps or (SHRINKING_STEPS_PER_PROGRAM if shrink else PROFILES["ci"].stateful_step_count)
     run_settings = settings(
-        settings.get_profile("ci"),
+        PROFILES["ci"],
         max_examples=EXAMPLES_PER_RUN,
         derandomize=False,
         database=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from collections import defaultdict
 from dataclasses import astuple, dataclass, fields
 
@@ -16,32 +17,29 @@ from canary.divergence import DivergenceCounts, DivergenceInputError, detect_div
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
+# The Triton kernels run compiled on CUDA, or interpreted on CPU when TRITON_INTERPRET=1 was set
+# before the process started (never both in one process: the interpreter patches triton for good).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
-requires_cuda_triton = pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs CUDA and triton")
+can_run_triton = pytest.mark.skipif(
+    not (HAS_TRITON and (HAS_CUDA or INTERPRET)),
+    reason="the Triton kernels need CUDA, or on CPU their own run: TRITON_INTERPRET=1 pytest -m triton",
+)
+runs_triton = [pytest.mark.triton, can_run_triton]
+requires_cuda_triton = pytest.mark.skipif(
+    not (HAS_TRITON and HAS_CUDA and not INTERPRET), reason="needs CUDA and compiled triton"
+)
 
 FIELD_NAMES = [field.name for field in fields(DivergenceCounts)]
 
 
 @pytest.fixture
-def triton_ready():
-    """Triton runs compiled on CUDA tensors where CUDA exists, else interpreted on CPU tensors.
-
-    Never both in one process: the interpreter patches triton.language for good when a kernel
-    calls a jit helper, which breaks later compilation.
-    """
-    if HAS_CUDA:
-        yield
-        return
-    patch = pytest.MonkeyPatch()
-    patch.setenv("TRITON_INTERPRET", "1")
-    kernels = importlib.reload(importlib.import_module("canary.divergence.triton_backend"))
-    assert kernels.INTERPRETED
-    yield
-    patch.undo()
-    importlib.reload(kernels)
+def triton_ready() -> None:
+    """The kernels are built the way this process runs them: interpreted exactly when asked."""
+    assert importlib.import_module("canary.divergence.triton_backend").INTERPRETED == INTERPRET
 
 
-@pytest.fixture(params=["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.fixture(params=["torch", pytest.param("triton", marks=runs_triton)])
 def impl(request) -> str:
     if request.param == "triton":
         request.getfixturevalue("triton_ready")
@@ -49,7 +47,7 @@ def impl(request) -> str:
 
 
 def device_for(impl: str) -> str:
-    return "cuda" if impl == "triton" and HAS_CUDA else "cpu"
+    return "cuda" if impl == "triton" and HAS_CUDA and not INTERPRET else "cpu"
 
 
 @dataclass
@@ -333,7 +331,8 @@ def test_torch_matches_loop_reference(scan):
     assert scan.run("torch") == reference_counts(scan)
 
 
-@requires_triton
+@pytest.mark.triton
+@can_run_triton
 @settings(max_examples=200 if HAS_CUDA else 40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(scan=scans(max_batch=3, max_context=40))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Callable
@@ -553,26 +554,29 @@ def run_step(driver: Driver, step: tuple) -> None:
 # ------------------------------------------- the torch and Triton paths agree
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
+# The Triton probes run compiled on CUDA, or interpreted on CPU when TRITON_INTERPRET=1 was set
+# before the process started (never both in one process: the interpreter patches triton for good).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not importable")
-PROBE_DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+can_run_triton = pytest.mark.skipif(
+    not (HAS_TRITON and (HAS_CUDA or INTERPRET)),
+    reason="the Triton kernels need CUDA, or on CPU their own run: TRITON_INTERPRET=1 pytest -m triton",
+)
+PROBE_DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRET else "cpu")
 
 
 @pytest.fixture(params=[None, 8], ids=["tiles", "small-tiles"])
 def triton_kernels(request: pytest.FixtureRequest):
-    """The Triton probes: compiled on CUDA where it exists, else interpreted on CPU tensors
-    (never both in one process: the interpreter patches triton.language for good). With
-    small tiles every pass spans many blocks and the prefix sums many chunks."""
+    """The Triton probes, built the way this process runs them. With small tiles every pass
+    spans many blocks and the prefix sums many chunks."""
+    kernels = importlib.import_module("canary.probes.triton_backend")
+    assert kernels.INTERPRETED == INTERPRET
     patch = pytest.MonkeyPatch()
-    if not HAS_CUDA:
-        patch.setenv("TRITON_INTERPRET", "1")
-    kernels = importlib.reload(importlib.import_module("canary.probes.triton_backend"))
-    assert kernels.INTERPRETED == (not HAS_CUDA)
     if request.param is not None:
         patch.setattr(kernels, "_TILE", request.param)
         patch.setattr(kernels, "_CHUNK", 2)
     yield kernels
     patch.undo()
-    importlib.reload(kernels)
 
 
 def random_view(
@@ -626,7 +630,8 @@ def random_view(
 names_or_all = st.one_of(st.none(), st.lists(st.sampled_from(list(INVARIANTS)), max_size=8))
 
 
-@requires_triton
+@pytest.mark.triton
+@can_run_triton
 @settings(
     max_examples=300 if HAS_CUDA else 25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,6 +55,7 @@ class SglangUnsupportedError(ValueError):
 @functools.cache
 def find_sglang_allocator_class() -> type:
     """The installed release's SWATokenToKVPoolAllocator, wherever that release keeps it."""
+    _interpret_triton_without_a_gpu()
     errors = []
     for name in ALLOCATOR_MODULES:
         try:
@@ -65,6 +68,14 @@ def find_sglang_allocator_class() -> type:
             return cls
         errors.append(f"{name}: no SWATokenToKVPoolAllocator")
     raise SglangUnavailableError(f"sglang's SWA allocator is not importable ({'; '.join(errors)}); {INSTALL_HINT}")
+
+
+def _interpret_triton_without_a_gpu() -> None:
+    """Up to 0.5.21 the paged allocator launches its Triton kernels whatever the tensors'
+    device. Without a GPU only Triton's interpreter runs them, and it has to be chosen before
+    triton is first imported (triton compiles its own helpers at import)."""
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def installed_sglang_version() -> str:
@@ -180,7 +191,7 @@ def sglang_capabilities() -> TargetCapabilities:
     parameters = _constructor_parameters(cls)
     probe = make_sglang_allocator(size=8, size_swa=4, page_size=1)
     return TargetCapabilities(
-        paged="page_size" in parameters,
+        paged="page_size" in parameters and _paged_allocation_runs_here(),
         need_sort="need_sort" in parameters,
         alloc_extend_swa_tail=callable(getattr(cls, "alloc_extend_swa_tail", None)),
         free_full=callable(getattr(cls, "free_full", None)),
@@ -189,6 +200,19 @@ def sglang_capabilities() -> TargetCapabilities:
         available_size=not _raises_not_implemented(probe.available_size),
         mapping_sentinel=not _has_padded_layout(cls),
     )
+
+
+def _paged_allocation_runs_here() -> bool:
+    """Whether one paged alloc_extend runs on this host's device (releases up to 0.5.21 have
+    Triton kernels only: a host whose Triton cannot launch them cannot drive page sizes > 1)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allocator = make_sglang_allocator(size=8, size_swa=8, page_size=2, device=device)
+    one, none = torch.ones(1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.int64, device=device)
+    try:
+        allocator.alloc_extend(none, none.cpu(), one, one.cpu(), none - 1, 1)
+    except Exception:  # whatever Triton raises (no driver, no interpreter), the call cannot run here
+        return False
+    return True
 
 
 @functools.cache

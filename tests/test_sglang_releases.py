@@ -46,3 +46,20 @@ def test_release_numbers_are_read_with_their_suffixes_and_nonsense_is_refused() 
     assert release_key("0.5.0rc0") == (0, 5, 0)
     with pytest.raises(TargetError, match="not an sglang release number"):
         release_key("latest")
+
+
+def test_without_a_gpu_triton_is_interpreted_unless_it_was_imported_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import torch
+
+    from allocator import sglang_adapter
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setitem(sys.modules, "triton", object())
+    sglang_adapter._interpret_triton_without_a_gpu()
+    assert "TRITON_INTERPRET" not in sglang_adapter.os.environ  # too late: triton compiled its helpers
+    monkeypatch.delitem(sys.modules, "triton")
+    sglang_adapter._interpret_triton_without_a_gpu()
+    assert sglang_adapter.os.environ["TRITON_INTERPRET"] == "1"

@@ -87,3 +87,13 @@ def test_the_command_line_check_accepts_the_installed_release() -> None:
 
     # 0 or 1 (a finding) both mean the release was driven; 2 would be a refused target.
     assert main(["check", "--target", "sglang", "--budget", "1", "--seed", "1"]) in (0, 1)
+
+
+def test_a_paged_allocation_runs_on_this_host_when_the_release_is_paged() -> None:
+    from allocator.sglang_adapter import make_sglang_allocator, sglang_capabilities
+
+    if not sglang_capabilities().paged:
+        pytest.skip("the installed release has page size 1 only")
+    allocator = make_sglang_allocator(size=8, size_swa=8, page_size=2)
+    zero, three = torch.zeros(1, dtype=torch.int64), torch.full((1,), 3, dtype=torch.int64)
+    assert allocator.alloc_extend(zero, zero, three, three, zero - 1, 3).tolist() == [2, 3, 4]

@@ -75,6 +75,9 @@ class CheckReport:
     seed: int
     budget: float
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    """CPU time this process spent on the check: beside `seconds` (wall), what a loaded
+    machine does not inflate."""
     programs: int = 0
     steps: int = 0
     runs: int = 0
@@ -178,7 +181,7 @@ def run_check(
         phases=check_phases(shrink),
         stateful_step_count=steps,
     )
-    started = time.monotonic()
+    started, started_cpu = time.monotonic(), time.process_time()
     try:
         while time.monotonic() - started < budget and report.finding is None:
             for name in names:
@@ -192,20 +195,21 @@ def run_check(
                     report.finding = finding_from(name, error, run_seed, time.monotonic() - started)
                     report.finding.calls = stats.last_program
                 report.runs += 1
-                _update(report, stats, started)
+                _update(report, stats, started, started_cpu)
                 if progress is not None:
                     progress(report)
                 if report.finding is not None or report.seconds >= budget:
                     break
     except KeyboardInterrupt:  # Ctrl-C: stop here and report what the check did so far
         report.interrupted = True
-        _update(report, stats, started)
+        _update(report, stats, started, started_cpu)
     return report
 
 
-def _update(report: CheckReport, stats: Stats, started: float) -> None:
+def _update(report: CheckReport, stats: Stats, started: float, started_cpu: float) -> None:
     report.programs, report.steps = stats.programs, stats.steps
     report.seconds = time.monotonic() - started
+    report.cpu_seconds = time.process_time() - started_cpu
 
 
 def print_progress(

@@ -35,6 +35,9 @@ class MutantResult:
     """Time to the first failing program (no shrinking), or the whole budget if escaped."""
     minimal_seconds: float = 0.0
     """Time to the shrunk, minimal program."""
+    detect_cpu_seconds: float = 0.0
+    minimal_cpu_seconds: float = 0.0
+    """The same two times in CPU time (what a machine shared with other work does not inflate)."""
     program_steps: int = 0
     """Rules in the minimal program."""
     machine: str = ""
@@ -48,6 +51,8 @@ class MutantResult:
             caught=detected.finding is not None or finding is not None,
             detect_seconds=detected.finding.seconds if detected.finding else detected.seconds,
             minimal_seconds=minimised.seconds,
+            detect_cpu_seconds=detected.cpu_seconds,
+            minimal_cpu_seconds=minimised.cpu_seconds,
         )
         if finding is not None:
             result.invariant, result.invariants, result.machine = finding.invariant, finding.invariants, finding.machine
@@ -84,6 +89,7 @@ class SelfCheckReport:
         caught = self.caught
         detect = [result.detect_seconds for result in caught]
         minimal = [result.minimal_seconds for result in caught]
+        minimal_cpu = [result.minimal_cpu_seconds for result in caught]
         steps = [result.program_steps for result in caught]
         return {
             "mutants": len(self.mutants),
@@ -95,6 +101,8 @@ class SelfCheckReport:
             "worst_seconds_to_detect": max(detect) if caught else None,
             "median_seconds_to_minimal_program": statistics.median(minimal) if caught else None,
             "worst_seconds_to_minimal_program": max(minimal) if caught else None,
+            "median_cpu_seconds_to_minimal_program": statistics.median(minimal_cpu) if caught else None,
+            "worst_cpu_seconds_to_minimal_program": max(minimal_cpu) if caught else None,
             "median_program_steps": statistics.median(steps) if caught else None,
             "reference_clean": self.reference.finding is None,
         }
@@ -110,7 +118,8 @@ class SelfCheckReport:
         }
 
     def table(self) -> str:
-        rows = [("mutant", "caught", "invariant", "all invariants", "breaks", "detect s", "minimal s", "steps")]
+        rows = [("mutant", "caught", "invariant", "all invariants", "breaks", "detect s", "minimal s", "minimal cpu s",
+                 "steps")]
         for result in self.mutants:
             rows.append(
                 (
@@ -121,6 +130,7 @@ class SelfCheckReport:
                     "|".join(result.breaks),
                     f"{result.detect_seconds:.1f}",
                     f"{result.minimal_seconds:.1f}" if result.caught else "-",
+                    f"{result.minimal_cpu_seconds:.1f}" if result.caught else "-",
                     str(result.program_steps) if result.caught else "-",
                 )
             )
@@ -143,7 +153,9 @@ class SelfCheckReport:
                 f"time to detect: median {summary['median_seconds_to_detect']:.1f}s, "
                 f"worst {summary['worst_seconds_to_detect']:.1f}s; to the minimal program: median "
                 f"{summary['median_seconds_to_minimal_program']:.1f}s, worst "
-                f"{summary['worst_seconds_to_minimal_program']:.1f}s; "
+                f"{summary['worst_seconds_to_minimal_program']:.1f}s (CPU: median "
+                f"{summary['median_cpu_seconds_to_minimal_program']:.1f}s, worst "
+                f"{summary['worst_cpu_seconds_to_minimal_program']:.1f}s); "
                 f"minimal programs: median {summary['median_program_steps']:g} steps"
             )
         if summary["caught_by_crash"]:

@@ -19,7 +19,7 @@ from allocator import (
     SWAPeerHeldError,
     SWATokenToKVPoolAllocator,
 )
-from allocator.golden import nonzero_mapping
+from properties.golden import nonzero_mapping
 
 
 def swa(

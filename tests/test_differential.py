@@ -84,8 +84,10 @@ def test_an_error_on_both_sides_is_the_first_sides_error() -> None:
 def test_a_state_difference_names_what_differs_on_each_side() -> None:
     with pytest.raises(InvariantViolation) as raised:
         DifferentialAllocator(small_allocator(True), small_allocator(True, size_swa=16), ("eight", "sixteen"))
-    assert "swa_available (eight 8, sixteen 16)" in str(raised.value)
-    assert "swa free units held by one only" in str(raised.value)
+    assert "sizes (full, SWA, available) (eight (8, 8, 8), sixteen (8, 16, 8))" in str(raised.value)
+    assert "swa free list (eight [1, 2, 3, 4, 5, 6, 7, 8], sixteen [1, 2, 3, 4, 5, 6, 7, 8, ...] in any order)" in str(
+        raised.value
+    )
 
 
 def test_each_side_gets_its_own_tensor_arguments() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from allocator import SWATokenToKVPoolAllocator
-from allocator.golden import load_traces, replay_trace
+from properties.golden import load_traces, replay_trace
 
 TRACE_FILE = Path(__file__).parent / "golden" / "sglang-0.5.23-swa-traces.jsonl"
 TRACES = list(load_traces(TRACE_FILE))
@@ -34,5 +34,5 @@ def test_reference_replays_trace(trace: dict, checked: bool, swa_device: torch.d
             need_sort=config["need_sort"], checked=checked,
         )
 
-    mismatch = replay_trace(trace, make_allocator, swa_device)
-    assert mismatch is None, str(mismatch)
+    difference = replay_trace(trace, make_allocator, swa_device)
+    assert difference is None, difference

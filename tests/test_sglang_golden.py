@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from allocator.golden import load_traces, replay_trace
+from properties.golden import load_traces, replay_trace
 from allocator.sglang_adapter import SglangUnavailableError, make_sglang_allocator
 
 TRACE_FILE = Path(__file__).parent / "golden" / "sglang-0.5.23-swa-traces.jsonl"
@@ -26,8 +26,8 @@ def test_sglang_replays_trace(trace: dict, swa_device: torch.device) -> None:
             config["size"], config["size_swa"], config["page_size"], swa_device, config["need_sort"]
         )
 
-    mismatch = replay_trace(trace, make_allocator, swa_device)
-    assert mismatch is None, str(mismatch)
+    difference = replay_trace(trace, make_allocator, swa_device)
+    assert difference is None, difference
 
 
 def test_missing_sglang_is_a_typed_error_naming_the_installer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from allocator.golden import call_arguments
+from allocator.interface import call_arguments
 
 
 @dataclass

@@ -16,7 +16,8 @@ import torch
 
 from canary.invariants import INVARIANTS, Name, Severity, Violation
 from canary.probes import AllocatorView, ProbeResults, run_probes
-from properties.machines.model import PoolModel, Request, SWAModel
+from properties.compare import AllocatorState, FreeList, differences
+from properties.machines.model import Request, SWAModel
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,16 @@ class State(NamedTuple):
     mapping: list[int]
     full_free: list[int]
     swa_free: list[int]
+
+    def state(self) -> AllocatorState:
+        return AllocatorState(
+            result=self.result,
+            sizes=(self.full_available, self.swa_available, self.available),
+            mapping=self.mapping,
+            full_free=FreeList(self.full_free),
+            swa_free=FreeList(self.swa_free),
+            in_free_group=self.in_free_group,
+        )
 
 
 def observe(allocator: Any, result: torch.Tensor | None) -> Observed:
@@ -202,44 +213,20 @@ def _check_translation(observed: Observed) -> list[Violation]:
     return []
 
 
-def _staged_sorted(free_units: list[int], pool: PoolModel) -> list[int]:
-    """A free list (ready units, then staged ones) with the staged part sorted. A merge sorts
-    the staged units before any of them is handed out, so their order is not observable
-    (sglang 0.5.23 appends freed pages to the staged ones, the reference puts them in front)."""
-    ready = len(pool.free)
-    return free_units[:ready] + sorted(free_units[ready:])
-
-
 def _check_contract(observed: Observed, model: SWAModel, expectation: Expectation) -> list[Violation]:
-    differences = [expectation.breach] if expectation.breach else []
-    if observed.in_free_group != model.in_group:
-        differences.append(
-            "the allocator has a free group open, the model has none"
-            if observed.in_free_group
-            else "the allocator has no free group open, the model has one"
-        )
-    if observed.result != expectation.result:
-        differences.append(f"{expectation.call} returned {observed.result}, the model {expectation.result}")
-    if observed.mapping != model.dense_mapping():
-        wrong = [t for t, (a, b) in enumerate(zip(observed.mapping, model.dense_mapping())) if a != b]
-        differences.append(f"mapping differs at {wrong[:8]}")
-    for name, got, want in (
-        (
-            "full free list",
-            _staged_sorted(observed.full_free, model.full),
-            _staged_sorted(model.full.all_free(), model.full),
-        ),
-        (
-            "swa free list",
-            _staged_sorted(observed.swa_free, model.swa),
-            _staged_sorted(model.swa.all_free(), model.swa),
-        ),
-        ("full_available", observed.full_available, model.full.available()),
-        ("swa_available", observed.swa_available, model.swa.available()),
-        ("available", observed.available, model.available()),
-    ):
-        if got != want:
-            differences.append(f"{name} is {got}, the model says {want}")
-    if differences:
-        return [violation(Name.CONTRACT, [], "; ".join(differences))]
+    found = [expectation.breach] if expectation.breach else []
+    found += differences(observed.state(), _expected_state(model, expectation), ("the allocator", "the model"))
+    if found:
+        return [violation(Name.CONTRACT, [], f"after {expectation.call}: " + "; ".join(found))]
     return []
+
+
+def _expected_state(model: SWAModel, expectation: Expectation) -> AllocatorState:
+    return AllocatorState(
+        result=expectation.result,
+        sizes=(model.full.available(), model.swa.available(), model.available()),
+        mapping=model.dense_mapping(),
+        full_free=FreeList(model.full.free, model.full.staged),
+        swa_free=FreeList(model.swa.free, model.swa.staged),
+        in_free_group=model.in_group,
+    )

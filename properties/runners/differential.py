@@ -15,13 +15,13 @@ of the two targets' contracts, so every program is legal for both.
 
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from canary.invariants import INVARIANTS, InvariantViolation, Name, Violation
-from canary.probes import AllocatorView
+from properties.compare import differences, read_state
 from properties.targets import AllocatorConfig, Target
 
 # What the machines and probes read from an allocator without calling it; read from the first.
@@ -36,7 +36,6 @@ INTROSPECTION = (
     "device",
     "in_free_group",
 )
-SHOWN = 8
 
 
 def differential_target(first: Target, second: Target) -> Target:
@@ -138,31 +137,15 @@ class DifferentialAllocator:
         return value
 
     def _compare_states(self, what: str) -> None:
-        views = [AllocatorView.of(side) for side in self.sides]
-        differences = []
-        for size in ("full_available", "swa_available", "available"):
-            values = [getattr(view, size) for view in views]
-            if values[0] != values[1]:
-                differences.append(f"{size} {self._both(values)}")
-        mappings = [view.mapping.tolist() for view in views]
-        if len(mappings[0]) != len(mappings[1]):
-            differences.append(f"mapping length {self._both([len(m) for m in mappings])}")
-        else:
-            wrong = [index for index, (a, b) in enumerate(zip(*mappings)) if a != b]
-            if wrong:
-                shown = wrong[:SHOWN]
-                entries = [[mapping[index] for index in shown] for mapping in mappings]
-                differences.append(f"mapping at {shown} {self._both(entries)}")
-        for pool in ("full", "swa"):
-            units = [Counter(getattr(view, f"{pool}_free").tolist()) for view in views]
-            only = [sorted((units[0] - units[1]).elements()), sorted((units[1] - units[0]).elements())]
-            if only[0] or only[1]:
-                differences.append(f"{pool} free units held by one only {self._both([o[:SHOWN] for o in only])}")
-        if differences:
-            self._raise(f"after {what}", differences)
-
-    def _both(self, values: list[Any]) -> str:
-        return f"({self.names[0]} {values[0]}, {self.names[1]} {values[1]})"
+        first, second = (read_state(side, None) for side in self.sides)
+        # Free units as multisets: their order decides later allocations, so an order
+        # difference shows up in a later returned value.
+        assert second.full_free is not None and second.swa_free is not None
+        expected = replace(second, full_free=second.full_free.unordered(), swa_free=second.swa_free.unordered(),
+                           in_free_group=None)
+        found = differences(first, expected, self.names)
+        if found:
+            self._raise(f"after {what}", found)
 
     def _raise(self, what: str, differences: list[str]) -> None:
         detail = f"difference{'s' if len(differences) > 1 else ''} {what}: {'; '.join(differences)}"

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from allocator.golden import CPU_ARGS, TENSOR_ARGS
+from allocator.interface import CPU_ARGS, TENSOR_ARGS
 from canary.invariants import Name
 from properties.machines.driver import AllocatorDriver
 from properties.runners.check import Finding
@@ -156,6 +156,7 @@ import pytest
 import torch
 
 from canary.probes import AllocatorView, run_probes
+from properties.compare import AllocatorState, FreeList, dense_mapping, differences, read_state
 from properties.targets import AllocatorConfig, resolve_target
 
 TARGET = {target!r}
@@ -167,28 +168,16 @@ def check(allocator, out, step, *, result, sizes, mapping, full_free, swa_free, 
     """The allocator after `step` against the reference: `mapping` lists runs (first full
     slot, first SWA slot, length) of nonzero entries; a free list is (ready units in order,
     staged units in any order); `sizes` is (full, SWA, available)."""
-    view = AllocatorView.of(allocator)
-    problems = [violation.explain() for violation in run_probes(view).read()]
-    returned = None if out is None else out.cpu().tolist()
-    if returned != result:
-        problems.append(f"returned {{returned}}, the reference {{result}}")
-    if (view.full_available, view.swa_available, view.available) != sizes:
-        problems.append(f"sizes {{(view.full_available, view.swa_available, view.available)}}, the reference {{sizes}}")
-    table = view.mapping.cpu()
-    want = {{full + k: swa + k for full, swa, length in mapping for k in range(length)}}
-    got = {{int(token): int(table[token]) for token in torch.nonzero(table[:-1]).flatten()}}
-    wrong = sorted(token for token in set(got) | set(want) if got.get(token) != want.get(token))
-    if wrong or int(table[-1]) != -1:
-        problems.append(f"mapping differs at full slots {{wrong[:8]}}; sentinel {{int(table[-1])}}")
-    for name, free, (ready, staged) in (("full", view.full_free, full_free), ("swa", view.swa_free, swa_free)):
-        units = free.cpu().tolist()
-        if units[: len(ready)] != ready or sorted(units[len(ready) :]) != staged:
-            problems.append(f"{{name}} free list {{units}}, the reference {{ready}} then {{staged}}")
-    every = torch.arange(-1, table.numel() - 1, device=view.mapping.device)
-    if allocator.translate_loc_from_full_to_swa(every).cpu().tolist() != [-1] + table[:-1].tolist():
+    problems = [violation.explain() for violation in run_probes(AllocatorView.of(allocator)).read()]
+    pairs = [(full + k, swa + k) for full, swa, length in mapping for k in range(length)]
+    mapping_len = CONFIG["size"] + CONFIG["page_size"] + 1
+    expected = AllocatorState(result, sizes, dense_mapping(mapping_len, pairs), FreeList(*full_free),
+                              FreeList(*swa_free), group)
+    actual = read_state(allocator, out)
+    problems += differences(actual, expected)
+    every = torch.arange(-1, len(actual.mapping) - 1, device=allocator.full_to_swa_index_mapping.device)
+    if allocator.translate_loc_from_full_to_swa(every).cpu().tolist() != [-1] + actual.mapping[:-1]:
         problems.append("translate_loc_from_full_to_swa(x) != mapping[x]")
-    if view.in_free_group != group:
-        problems.append(f"free group open: {{view.in_free_group}}, the reference {{group}}")
     assert not problems, f"after {{step}}:\\n  " + "\\n  ".join(problems)
 
 

@@ -17,7 +17,7 @@ A unit is in at most one of free_pages, release_pages, free_group and the alloca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -60,7 +60,7 @@ class FreeListAllocator:
         page_size: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        kvcache: object | None = None,
+        kvcache: Any = None,
         need_sort: bool = False,
         checked: bool = False,
     ) -> None:
@@ -94,7 +94,7 @@ class FreeListAllocator:
         self.check_state(state)
         self.free_pages = state.free_pages.clone()
         self.release_pages = state.release_pages.clone()
-        if self.allocated is not None:
+        if state.allocated is not None:  # check_state: present exactly when this pool is checked
             self.allocated = state.allocated.clone()
 
     def check_state(self, state: object) -> None:
@@ -111,7 +111,7 @@ class FreeListAllocator:
                 raise InvalidStateError(f"state.{name} is not a list of {self.unit_name}s 1..{self.num_pages}")
         if (state.allocated is None) != (self.allocated is None):
             raise InvalidStateError("state was saved with a different checked mode")
-        if state.allocated is not None and state.allocated.shape != self.allocated.shape:
+        if state.allocated is not None and self.allocated is not None and state.allocated.shape != self.allocated.shape:
             raise InvalidStateError("state.allocated belongs to a pool of another size")
 
     # ----------------------------------------------------------- introspection
@@ -171,6 +171,9 @@ class FreeListAllocator:
         return units
 
     def check_units_allocated(self, units: torch.Tensor, free_index: torch.Tensor) -> None:
+        """Checked mode: raise DoubleFreeError unless every unit is allocated."""
+        if self.allocated is None:
+            return
         not_allocated = units[~self.allocated[units]]
         if not_allocated.numel():
             raise DoubleFreeError(

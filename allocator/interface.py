@@ -63,13 +63,26 @@ class SWAAllocator(Protocol):
     cannot serve them. `page_size > 1` allocators offer `alloc_extend`, `alloc_decode` and
     `alloc_extend_swa_tail`; page size 1 ones `alloc`."""
 
-    page_size: int
-    size: int
-    size_swa: int
-    full_attn_allocator: Pool
-    swa_attn_allocator: Pool
-    full_to_swa_index_mapping: torch.Tensor
-    """Entry t: the SWA slot of full slot t (0: none); size + page_size + 1 entries, -1 last."""
+    # Read-only members, so that an allocator's attributes may be of narrower types.
+    @property
+    def page_size(self) -> int: ...
+
+    @property
+    def size(self) -> int:
+        """Full-attention token slots."""
+
+    @property
+    def size_swa(self) -> int: ...
+
+    @property
+    def full_attn_allocator(self) -> Pool: ...
+
+    @property
+    def swa_attn_allocator(self) -> Pool: ...
+
+    @property
+    def full_to_swa_index_mapping(self) -> torch.Tensor:
+        """Entry t: the SWA slot of full slot t (0: none); size + page_size + 1 entries, -1 last."""
 
     def available_size(self) -> int: ...
 

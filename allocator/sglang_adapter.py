@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from allocator.interface import SWAAllocator
+
 if TYPE_CHECKING:
     from properties.targets import TargetCapabilities
 
@@ -87,7 +89,7 @@ def installed_sglang_version() -> str:
         raise SglangUnavailableError(f"sglang is not installed; {INSTALL_HINT}") from None
 
 
-def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+def _constructor_parameters(cls: Any) -> dict[str, inspect.Parameter]:
     parameters = dict(inspect.signature(cls.__init__).parameters)
     parameters.pop("self", None)
     return parameters
@@ -116,7 +118,7 @@ def make_sglang_allocator(
     device: str | torch.device = "cpu",
     need_sort: bool = False,
     dtype: torch.dtype = torch.float16,
-) -> Any:
+) -> SWAAllocator:
     """The installed release's `SWATokenToKVPoolAllocator` over a mapping-only pool."""
     cls = find_sglang_allocator_class()
     allocator = _build(cls, size, size_swa, page_size, torch.device(device), need_sort, dtype)
@@ -234,7 +236,9 @@ def _mapping_only_pool_class(base: type) -> type:
             self.full_to_swa_index_mapping = full_to_swa_index_mapping
 
         def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
-            return self.full_to_swa_index_mapping[kv_indices]
+            mapping = self.full_to_swa_index_mapping
+            assert mapping is not None, "sglang's allocator registers its mapping when it is built"
+            return mapping[kv_indices]
 
     # The KV data methods that the base declares abstract are never called by the allocator.
     MappingOnlySWAKVPool.__abstractmethods__ = frozenset()

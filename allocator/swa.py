@@ -16,6 +16,7 @@ page's tokens map to one SWA page at the same offsets.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,7 +67,7 @@ class SWATokenToKVPoolAllocator:
         page_size: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        kvcache: object | None = None,
+        kvcache: Any = None,
         need_sort: bool = False,
         checked: bool = False,
     ) -> None:
@@ -97,7 +98,7 @@ class SWATokenToKVPoolAllocator:
     def swa_available_size(self) -> int:
         return self.swa_attn_allocator.available_size()
 
-    def get_kvcache(self) -> object | None:
+    def get_kvcache(self) -> Any:
         return self._kvcache
 
     def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
@@ -113,11 +114,9 @@ class SWATokenToKVPoolAllocator:
     # ------------------------------------------------------------ allocation
     def alloc(self, need_size: int) -> torch.Tensor | None:
         """`need_size` slots on both pools (page size 1 only), or None with nothing changed."""
-        self._require_paged(False, "alloc")
+        full, swa = self._token_pools("alloc")
         need_size = check_count("need_size", need_size)
-        return self._allocate_pair(
-            self.full_attn_allocator.reserve_tokens(need_size), self.swa_attn_allocator.reserve_tokens(need_size)
-        )
+        return self._allocate_pair(full.reserve_tokens(need_size), swa.reserve_tokens(need_size))
 
     def alloc_extend(
         self,
@@ -129,12 +128,12 @@ class SWATokenToKVPoolAllocator:
         extend_num_tokens: int,
     ) -> torch.Tensor | None:
         """Extend every request on both pools; the SWA side continues from last_loc's SWA peer."""
-        self._require_paged(True, "alloc_extend")
-        full_reservation = self.full_attn_allocator.reserve_extend(
+        full, swa = self._paged_pools("alloc_extend")
+        full_reservation = full.reserve_extend(
             prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens
         )
         swa_last_loc = self._swa_last_loc(prefix_lens, last_loc)
-        swa_reservation = self.swa_attn_allocator.reserve_extend(
+        swa_reservation = swa.reserve_extend(
             prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, swa_last_loc, extend_num_tokens
         )
         return self._allocate_pair(full_reservation, swa_reservation)
@@ -143,10 +142,10 @@ class SWATokenToKVPoolAllocator:
         self, seq_lens: torch.Tensor, seq_lens_cpu: torch.Tensor, last_loc: torch.Tensor
     ) -> torch.Tensor | None:
         """One slot per request on both pools for position seq_i - 1."""
-        self._require_paged(True, "alloc_decode")
-        full_reservation = self.full_attn_allocator.reserve_decode(seq_lens, seq_lens_cpu, last_loc)
+        full, swa = self._paged_pools("alloc_decode")
+        full_reservation = full.reserve_decode(seq_lens, seq_lens_cpu, last_loc)
         swa_last_loc = self._swa_last_loc(seq_lens - 1, last_loc)
-        swa_reservation = self.swa_attn_allocator.reserve_decode(seq_lens, seq_lens_cpu, swa_last_loc)
+        swa_reservation = swa.reserve_decode(seq_lens, seq_lens_cpu, swa_last_loc)
         return self._allocate_pair(full_reservation, swa_reservation)
 
     def alloc_extend_swa_tail(
@@ -166,8 +165,8 @@ class SWATokenToKVPoolAllocator:
         request's current page and that page still has an SWA peer; otherwise it gets fresh
         SWA pages, with the tail at the same offsets as on its full pages.
         """
-        self._require_paged(True, "alloc_extend_swa_tail")
-        full_reservation = self.full_attn_allocator.reserve_extend(
+        full, swa = self._paged_pools("alloc_extend_swa_tail")
+        full_reservation = full.reserve_extend(
             prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens
         )
         if seq_lens.numel() != 1:
@@ -176,11 +175,12 @@ class SWATokenToKVPoolAllocator:
         prefix, seq = int(prefix_lens_cpu[0]), int(seq_lens_cpu[0])
         if tail > seq - prefix:
             raise InvalidIndexError(f"swa_tail_len={tail} exceeds the {seq - prefix} tokens being extended")
-        swa_reservation = self._reserve_swa_tail(prefix, seq, tail, seq_lens, seq_lens_cpu, last_loc)
+        swa_reservation = self._reserve_swa_tail(swa, prefix, seq, tail, seq_lens, seq_lens_cpu, last_loc)
         return self._allocate_pair(full_reservation, swa_reservation, tail)
 
     def _reserve_swa_tail(
         self,
+        swa: PagedTokenToKVPoolAllocator,
         prefix: int,
         seq: int,
         tail: int,
@@ -201,7 +201,7 @@ class SWATokenToKVPoolAllocator:
         def as_tensor(value: int, device: torch.device) -> torch.Tensor:
             return torch.tensor([value], dtype=torch.int64, device=device)
 
-        return self.swa_attn_allocator.reserve_extend(
+        return swa.reserve_extend(
             as_tensor(swa_prefix, self.device),
             as_tensor(swa_prefix, torch.device("cpu")),
             seq_lens,
@@ -332,7 +332,14 @@ class SWATokenToKVPoolAllocator:
         self.full_to_swa_index_mapping.zero_()
         self.full_to_swa_index_mapping[-1] = -1
 
-    def _require_paged(self, paged: bool, call: str) -> None:
-        if (self.page_size > 1) != paged:
-            needed = "page_size > 1" if paged else "page_size 1"
-            raise UnsupportedOperationError(f"{call} needs {needed}; this allocator has page_size {self.page_size}")
+    def _token_pools(self, call: str) -> tuple[TokenToKVPoolAllocator, TokenToKVPoolAllocator]:
+        full, swa = self.full_attn_allocator, self.swa_attn_allocator
+        if not (isinstance(full, TokenToKVPoolAllocator) and isinstance(swa, TokenToKVPoolAllocator)):
+            raise UnsupportedOperationError(f"{call} needs page_size 1; this allocator has page_size {self.page_size}")
+        return full, swa
+
+    def _paged_pools(self, call: str) -> tuple[PagedTokenToKVPoolAllocator, PagedTokenToKVPoolAllocator]:
+        full, swa = self.full_attn_allocator, self.swa_attn_allocator
+        if not (isinstance(full, PagedTokenToKVPoolAllocator) and isinstance(swa, PagedTokenToKVPoolAllocator)):
+            raise UnsupportedOperationError(f"{call} needs page_size > 1; this allocator has page_size {self.page_size}")
+        return full, swa

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from allocator.errors import DoubleFreeError
@@ -28,7 +30,7 @@ class TokenToKVPoolAllocator(FreeListAllocator):
         size: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        kvcache: object | None = None,
+        kvcache: Any = None,
         need_sort: bool = False,
         checked: bool = False,
     ) -> None:

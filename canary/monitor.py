@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from allocator.interface import SWAAllocator
 from canary.invariants import InvariantViolation, Severity
 from canary.probes import AllocatorView, run_probes, select_probes
 from canary.report import CanaryRecord, Reporter
@@ -95,7 +96,7 @@ class CanaryMonitor:
 
     def __init__(
         self,
-        allocator: object,
+        allocator: SWAAllocator,
         *,
         every: int,
         mode: str,
@@ -239,13 +240,15 @@ class CanaryMonitor:
     def _collect(self, wait: bool) -> None:
         """Report the checks in flight, oldest first, stopping at the first unfinished one
         unless `wait`."""
-        for slot in sorted((s for s in self._slots if s.step is not None), key=lambda s: s.step):
+        in_flight = sorted((s.step, i) for i, s in enumerate(self._slots) if s.step is not None)
+        for checked_step, index in in_flight:
+            slot = self._slots[index]
             if slot.event is not None:
                 if wait:
                     slot.event.synchronize()
                 elif not slot.event.query():
                     return
-            checked_step, snapshot = slot.step, slot.snapshot
+            snapshot = slot.snapshot
             slot.step, slot.snapshot = None, None
             self._report(read_sweep(self._names, slot.host), checked_step, snapshot)
 
@@ -270,7 +273,7 @@ class CanaryMonitor:
         if not new:
             return
         path = None
-        if snapshot is not None:
+        if snapshot is not None and self.snapshot_dir is not None:
             path = str(snapshot.save(self.snapshot_dir / _snapshot_name(self.name, checked_step)))
         for source, violation in new:
             self._reporter.publish(
@@ -293,7 +296,7 @@ class CanaryMonitor:
 
 
 def attach(
-    allocator: object,
+    allocator: SWAAllocator,
     *,
     every: int = 16,
     mode: str = "warn",

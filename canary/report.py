@@ -17,7 +17,7 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from canary.invariants import INVARIANTS, Severity, Violation
+from canary.invariants import INVARIANTS, Name, Severity, Violation
 
 RECORD_PREFIX = "SWA_CANARY "
 DISABLED_PREFIX = "SWA_CANARY_DISABLED "
@@ -79,7 +79,7 @@ class CanaryRecord:
         )
 
     def violation(self) -> Violation:
-        return Violation(self.invariant, Severity(self.severity), self.count, list(self.indices), self.detail)
+        return Violation(Name(self.invariant), Severity(self.severity), self.count, list(self.indices), self.detail)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -178,7 +178,7 @@ class Reporter:
         if self._prometheus is not None:
             self._prometheus.violations.labels(self.monitor, record.invariant, record.severity, record.source).inc()
 
-    def checked(self, current: dict[tuple[str, str], int], divergence: dict[str, int] | None) -> None:
+    def checked(self, current: dict[tuple[str, Name], int], divergence: dict[str, int] | None) -> None:
         """One check was read back: `current` holds each checked (source, invariant)'s count,
         0 for a quiet one."""
         self.checks += 1

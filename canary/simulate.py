@@ -231,8 +231,8 @@ class Simulator:
         if not (prefilled or decoded) and self.running:
             self._retract()
         self._evict()
-        if self._inject_from is not None and self.report.injection is None:
-            self._try_inject()
+        if self.config.inject is not None and self._inject_from is not None and self.report.injection is None:
+            self._try_inject(Name(self.config.inject), self._inject_from)
         self.report.peak_running = max(self.report.peak_running, len(self.running))
         self.batch = self._batch()
 
@@ -390,12 +390,12 @@ class Simulator:
         self.req_to_token[rows, positions] = tokens
 
     # ------------------------------------------------------------- injection
-    def _try_inject(self) -> None:
-        if self.step_index < self._inject_from or self.step_index > self._last_check:
+    def _try_inject(self, invariant: Name, inject_from: int) -> None:
+        if self.step_index < inject_from or self.step_index > self._last_check:
             return
-        what = INJECTIONS[self.config.inject](self)
+        what = INJECTIONS[invariant](self)
         if what is not None:
-            self.report.injection = Injection(Name(self.config.inject), self.step_index, what)
+            self.report.injection = Injection(invariant, self.step_index, what)
 
     def _note_records(self) -> None:
         total = self.monitor.stats().records

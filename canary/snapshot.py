@@ -167,7 +167,7 @@ def replay(snapshot: Snapshot, *, probes: Iterable[str] | None = None, max_indic
     ).read()
     if batch is None:
         return result
-    rows = snapshot.batch.req_pool_indices.tolist()
+    rows = original.tolist()
     renamed = [replace(v, indices=[rows[position] for position in v.indices]) for v in result.divergence_violations]
     return replace(result, divergence_violations=renamed)
 

@@ -64,7 +64,7 @@ class Batch:
                 raise SweepInputError("evict_floors was given without a batch")
             return None
         missing = [name for name, value in given.items() if value is None]
-        if missing:
+        if req_to_token is None or req_pool_indices is None or seq_lens is None:
             raise SweepInputError(f"a batch needs req_to_token, req_pool_indices and seq_lens; missing {missing}")
         return cls(req_to_token, req_pool_indices, seq_lens, evict_floors)
 

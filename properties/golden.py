@@ -8,8 +8,9 @@ first difference, so the same replay checks our reference and sglang's own alloc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 

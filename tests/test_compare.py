@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from allocator import SWATokenToKVPoolAllocator
-from properties.compare import AllocatorState, FreeList, dense_mapping, differences, read_state
+from properties.compare import (
+    AllocatorState,
+    FreeList,
+    dense_mapping,
+    differences,
+    read_state,
+)
 from properties.golden import load_traces, replay_trace
 from properties.targets import AllocatorConfig
 from properties.targets.mutants import mutant_factory

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from properties.golden import load_traces, replay_trace
 from allocator.sglang_adapter import SglangUnavailableError, make_sglang_allocator
+from properties.golden import load_traces, replay_trace
 
 TRACE_FILE = Path(__file__).parent / "golden" / "sglang-0.5.23-swa-traces.jsonl"
 TRACES = list(load_traces(TRACE_FILE))

@@ -18,14 +18,13 @@ fused Triton kernel (CUDA) that reads each live `req_to_token` entry exactly onc
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
-from typing import Literal
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-Impl = Literal["auto", "torch", "triton"]
+from canary.backend import Impl, choose_backend
 
-_IMPLS = ("auto", "torch", "triton")
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_MAX = 2**31 - 1
 
@@ -153,31 +152,15 @@ def _check_positive_int(name: str, value: object) -> None:
         raise DivergenceInputError(f"{name} must be >= 1, got {value}")
 
 
-def _resolve_kernels(impl: str, device: torch.device, mapping_len: int):
+def _resolve_kernels(impl: str, device: torch.device, mapping_len: int) -> ModuleType | None:
     """The Triton kernel module when `impl` selects it, None for the torch implementation."""
-    if impl not in _IMPLS:
-        raise DivergenceInputError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "torch" or (impl == "auto" and device.type != "cuda"):
-        return None
-    try:
-        from canary.divergence import triton_backend as _divergence_triton
-    except ImportError as exc:
-        if impl == "auto":
-            return None
-        raise DivergenceInputError("impl='triton' needs the triton package") from exc
-    if impl == "auto" and _divergence_triton.INTERPRETED:
-        # Interpreted kernels copy every tensor to the host: never the automatic choice.
-        return None
-    if device.type != "cuda" and not _divergence_triton.INTERPRETED:
-        raise DivergenceInputError(
-            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}"
-        )
-    if mapping_len > _INT32_MAX:
+    kernels = choose_backend(impl, device, __name__, DivergenceInputError)
+    if kernels is not None and mapping_len > _INT32_MAX:
         # The kernel keeps full indices as int32 in its per-slot holder table.
         if impl == "auto":
             return None
         raise DivergenceInputError(f"impl='triton' handles mappings up to 2**31-1 entries, got {mapping_len}")
-    return _divergence_triton
+    return kernels
 
 
 def _count_with_torch(

@@ -135,7 +135,7 @@ def count_divergence(
     num_rows, max_context = req_to_token.shape
     counts = torch.zeros((5, batch), dtype=torch.int64, device=device)
     if batch == 0 or max_context == 0:
-        return tuple(counts.unbind(0))
+        return _rows(counts)
 
     # Short rows still spread over about four programs each; long rows use the largest block.
     block = max(_MIN_BLOCK, min(_MAX_BLOCK, triton.next_power_of_2(max_context) // 4))
@@ -164,5 +164,9 @@ def count_divergence(
             slots, block_flags, holders, swa_slots, counts, batch,
             BLOCK=block,
         )
-    return tuple(counts.unbind(0))
+    return _rows(counts)
 
+
+def _rows(counts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    window_missing, leaked, evicted, non_identity, shared = counts.unbind(0)
+    return window_missing, leaked, evicted, non_identity, shared

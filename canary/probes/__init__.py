@@ -36,11 +36,13 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Sequence, SupportsIndex
 
 import torch
 from torch import Tensor
 
+from allocator.interface import Pool, SWAAllocator
+from canary.backend import Impl, choose_backend
 from canary.invariants import INVARIANTS, Name, Violation
 from canary.probes import torch_backend as _probes_torch
 from canary.probes.plan import CHECK_DETAILS, decode, host_findings, plan, put_findings
@@ -67,7 +69,7 @@ class AllocatorView:
     swa_available: int
     available: int
     in_free_group: bool
-    inapplicable: tuple[str, ...] = ()
+    inapplicable: tuple[Name, ...] = ()
     """Model-free invariants the allocator's interface leaves nothing to check of (`of` says
     when); run_probes skips them."""
 
@@ -97,7 +99,7 @@ class AllocatorView:
             )
 
     @classmethod
-    def of(cls, allocator: object) -> "AllocatorView":
+    def of(cls, allocator: SWAAllocator) -> "AllocatorView":
         """Read a SPEC §1 allocator, or an sglang-like one of any release: free lists as
         free_pages + release_pages; a free group open while `is_not_in_free_group` is False
         (up to 0.5.18, whose `free_group` is a list at all times) or while `free_group` is not
@@ -123,7 +125,7 @@ class AllocatorView:
                 swa_available=swa_available,
                 available=min(full_available, swa_available) if available is None else available,
                 in_free_group=_in_free_group(allocator, (full_pool, swa_pool)),
-                inapplicable=inapplicable + (("AVAIL",) if available is None else ()),
+                inapplicable=inapplicable + ((Name.AVAIL,) if available is None else ()),
             )
         except AttributeError as error:
             raise ProbeInputError(f"{type(allocator).__name__} is not an SWA allocator: {error}") from error
@@ -144,8 +146,8 @@ class MappingLayout:
 
 
 def _token_entries(
-    mapping: Tensor, size_full: int, page_size: int, allocator: object
-) -> tuple[Tensor, tuple[str, ...]]:
+    mapping: Tensor, size_full: int, page_size: int, allocator: SWAAllocator
+) -> tuple[Tensor, tuple[Name, ...]]:
     layout = getattr(allocator, "mapping_layout", MappingLayout.SENTINEL)
     if layout == MappingLayout.SENTINEL:
         return mapping, ()
@@ -156,10 +158,10 @@ def _token_entries(
             f"a padded mapping needs at least {size_full + page_size} entries, got {_describe_value(mapping)}"
         )
     entries = mapping[: size_full + page_size]
-    return torch.cat((entries, entries.new_full((1,), -1))), ("SENTINEL",)
+    return torch.cat((entries, entries.new_full((1,), -1))), (Name.SENTINEL,)
 
 
-def _available(allocator: object) -> int | None:
+def _available(allocator: SWAAllocator) -> int | None:
     """available_size(), or None where the allocator has it raise NotImplementedError."""
     try:
         return _as_int(allocator.available_size())
@@ -167,12 +169,12 @@ def _available(allocator: object) -> int | None:
         return None
 
 
-def free_units(pool: object) -> Tensor:
+def free_units(pool: Pool) -> Tensor:
     """A pool's free units, ready then staged, as the view reads them."""
     return _free_units(pool)
 
 
-def sizes_and_group(allocator: object) -> tuple[int, int, int | None, bool]:
+def sizes_and_group(allocator: SWAAllocator) -> tuple[int, int, int | None, bool]:
     """What the view reads besides the mapping and the free lists: full_available_size(),
     swa_available_size(), available_size() (None where it raises NotImplementedError), and
     whether a free group is open."""
@@ -182,20 +184,24 @@ def sizes_and_group(allocator: object) -> tuple[int, int, int | None, bool]:
     return full_available, swa_available, _available(allocator), _in_free_group(allocator, pools)
 
 
-def has_sentinel(allocator: object) -> bool:
+def has_sentinel(allocator: SWAAllocator) -> bool:
     """Whether the allocator's mapping ends in the -1 sentinel (MappingLayout.SENTINEL)."""
     return getattr(allocator, "mapping_layout", MappingLayout.SENTINEL) == MappingLayout.SENTINEL
 
 
-def _free_units(pool: object) -> Tensor:
+def _free_units(pool: Pool) -> Tensor:
     get_all_free_pages = getattr(pool, "get_all_free_pages", None)
     if callable(get_all_free_pages):
         return get_all_free_pages()
+    # sglang's pools: ready units in free_pages, staged ones (need_sort) in release_pages.
+    ready: Tensor | None = getattr(pool, "free_pages", None)
+    if ready is None:
+        raise AttributeError(f"{type(pool).__name__} has neither get_all_free_pages() nor free_pages")
     staged = getattr(pool, "release_pages", None)
-    return pool.free_pages if staged is None else torch.cat((pool.free_pages, staged))
+    return ready if staged is None else torch.cat((ready, staged))
 
 
-def _in_free_group(allocator: object, pools: Iterable[object]) -> bool:
+def _in_free_group(allocator: SWAAllocator, pools: Iterable[Pool]) -> bool:
     flag = getattr(allocator, "in_free_group", None)
     if flag is not None:
         return bool(flag() if callable(flag) else flag)
@@ -212,7 +218,7 @@ def _owner_in_group(owner: object) -> bool:
     return getattr(owner, "free_group", None) is not None
 
 
-def _as_int(value: object) -> int:
+def _as_int(value: SupportsIndex | Tensor) -> int:
     if isinstance(value, Tensor):
         raise ProbeInputError("sizes must be Python ints; reading a tensor back would synchronise")
     return operator.index(value)
@@ -247,13 +253,11 @@ class ProbeResults:
     @classmethod
     def from_packed(cls, names: Sequence[str], packed: Tensor) -> "ProbeResults":
         """Results around a packed tensor copied elsewhere (e.g. into pinned host memory)."""
-        names = tuple(Name(name) if name in INVARIANTS else name for name in names)
         if not isinstance(packed, Tensor) or packed.dtype != torch.int64 or packed.dim() != 2:
             raise ProbeInputError(f"packed must be a 2-D int64 tensor, got {_describe_value(packed)}")
         if packed.shape[0] != len(names) or packed.shape[1] < 1:
             raise ProbeInputError(f"packed has shape {tuple(packed.shape)} for {len(names)} probes")
-        select_probes(names)
-        return cls(names, packed)
+        return cls(tuple(_name(name) for name in names), packed)
 
     def read(self) -> list[Violation]:
         """Copy the results to the host (the one synchronisation) and decode the violations."""
@@ -265,8 +269,6 @@ class ProbeResults:
         ]
 
 
-Impl = Literal["auto", "torch", "triton"]
-_IMPLS = ("auto", "torch", "triton")
 _MODEL_FREE = tuple(name for name, invariant in INVARIANTS.items() if invariant.model_free)
 
 
@@ -313,24 +315,7 @@ def run_probes(
 
 def _implementation(impl: str, device: torch.device) -> ModuleType:
     """The module whose `pack` runs the probes: the Triton kernels or the torch expression."""
-    if impl not in _IMPLS:
-        raise ProbeInputError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "torch" or (impl == "auto" and device.type != "cuda"):
-        return _probes_torch
-    try:
-        from canary.probes import triton_backend as _probes_triton
-    except ImportError as error:
-        if impl == "auto":
-            return _probes_torch
-        raise ProbeInputError("impl='triton' needs the triton package") from error
-    if impl == "auto" and _probes_triton.INTERPRETED:
-        # Interpreted kernels copy every tensor to the host: never the automatic choice.
-        return _probes_torch
-    if device.type != "cuda" and not _probes_triton.INTERPRETED:
-        raise ProbeInputError(
-            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import), got {device}"
-        )
-    return _probes_triton
+    return choose_backend(impl, device, __name__, ProbeInputError) or _probes_torch
 
 
 def select_probes(names: Iterable[str]) -> tuple[Name, ...]:
@@ -338,12 +323,16 @@ def select_probes(names: Iterable[str]) -> tuple[Name, ...]:
     if isinstance(names, str):
         names = (names,)
     selected: list[Name] = []
-    for name in names:
-        if name not in INVARIANTS:
-            raise ProbeInputError(f"unknown invariant {name!r}; known: {', '.join(INVARIANTS)}")
-        if INVARIANTS[Name(name)].model_free and name not in selected:
-            selected.append(Name(name))
+    for name in map(_name, names):
+        if INVARIANTS[name].model_free and name not in selected:
+            selected.append(name)
     return tuple(selected)
+
+
+def _name(name: str) -> Name:
+    if name not in INVARIANTS:
+        raise ProbeInputError(f"unknown invariant {name!r}; known: {', '.join(INVARIANTS)}")
+    return Name(name)
 
 
 def _decode_row(name: Name, row: list[int]) -> Violation | None:

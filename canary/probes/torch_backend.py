@@ -156,8 +156,11 @@ class _Layout:
         # Position 0 is constant false, so that "ranks before the first probe" reads 0. Each
         # probe's items are followed by K constant-true separators coded -1: its first K
         # flagged positions are its items, then the padding, never another probe's items.
-        order, run_starts, run_offsets, bounds = [torch.tensor([base["false"]])], [], [], []
-        amount_runs = {}
+        order = [torch.tensor([base["false"]])]
+        run_starts: list[int] = []
+        run_offsets: list[int] = []
+        bounds: list[tuple[int, int]] = []
+        amount_runs: dict[Kind, int] = {}
         position = 1
         for checks in plan.checks:
             start = position
@@ -185,8 +188,8 @@ class _Layout:
             device,
             torch.tensor([amount_runs.get(Kind.FULL_EXCESS, spare), amount_runs.get(Kind.SWA_EXCESS, spare), spare]),
         )
-        bounds = torch.tensor(bounds, dtype=torch.int64)
-        self.bounds = _on(device, bounds.T.reshape(2, -1, 1).contiguous())
+        bounds_table = torch.tensor(bounds, dtype=torch.int64)
+        self.bounds = _on(device, bounds_table.T.reshape(2, -1, 1).contiguous())
         self.steps = _on(device, torch.arange(1, plan.max_indices + 1))
 
         # CONSERVE: excess = free-list length + units in use - units, per pool, by one

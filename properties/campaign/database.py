@@ -85,7 +85,7 @@ class ResilientRedisDatabase(ExampleDatabase):
 
     def _remote(self, action: Callable[[], _T]) -> tuple[bool, _T | None]:
         """(True, result) if Redis did it; (False, None) if Redis is down."""
-        if not self.connected and not self._reconnect():
+        if self.down_since is not None and not self._reconnect(self.down_since):
             return False, None
         try:
             return True, action()
@@ -95,7 +95,7 @@ class ResilientRedisDatabase(ExampleDatabase):
             self.log(f"example database: Redis at {self.url} failed ({error}); keeping examples in {self.local!r}")
             return False, None
 
-    def _reconnect(self) -> bool:
+    def _reconnect(self, down_since: float) -> bool:
         now = time.monotonic()
         if now - self._last_try < self.retry_seconds:
             return False
@@ -112,7 +112,7 @@ class ResilientRedisDatabase(ExampleDatabase):
         except self._errors:
             return False
         self.log(
-            f"example database: Redis at {self.url} is back after {now - self.down_since:.0f}s; "
+            f"example database: Redis at {self.url} is back after {now - down_since:.0f}s; "
             f"re-synced {values} examples of {len(self.known)} keys"
         )
         self.down_since = None

@@ -85,7 +85,7 @@ def run_machine(
     """One Hypothesis run of a machine; the (shrunk) failure, or None."""
     stats.last_program = None
     try:
-        with collector.with_value(on_statistics):
+        with collector.with_value(on_statistics):  # type: ignore[arg-type]  # Hypothesis types the hook's default, None
             run_state_machine_as_test(hypothesis_seed(run_seed)(bind_stats(machine, stats)), settings=run)
     except unittest.SkipTest:  # a database pass with nothing stored for this machine
         return None
@@ -109,7 +109,7 @@ class Reporter:
         self.conn, self.stats, self.events, self.every = conn, stats, events, every
         self.database = database
         self.lock = threading.Lock()
-        self.sent = (0, 0, Counter(), Counter())
+        self.sent: tuple[int, int, Counter[str], Counter[str]] = (0, 0, Counter(), Counter())
         self.parent = os.getppid()
         self.orphaned = False
         self.done = threading.Event()
@@ -188,7 +188,7 @@ def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> 
     database = plan.database.open(target.name, plan.device)
     prepare_process()
     rng = random.Random(plan.seed)
-    stats, events = Stats(), Counter()
+    stats, events = Stats(), Counter[str]()
     reporter = Reporter(conn, stats, events, plan.report_seconds, lambda: database_health(database))
     started = time.monotonic()
     last_database_pass = None

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from allocator.interface import call_arguments
+from allocator.interface import SWAAllocator, call_arguments
 
 
 @dataclass
 class AllocatorDriver:
-    allocator: Any
+    allocator: SWAAllocator
     device: str
     log: list[dict] = field(default_factory=list)
     saved_states: dict[int, Any] = field(default_factory=dict)
@@ -33,7 +33,8 @@ class AllocatorDriver:
         if method == "restore_state":
             self.allocator.restore_state(self.saved_states[args[0]])
             return None
-        return getattr(self.allocator, method)(*call_arguments(entry, self.device))
+        result: torch.Tensor | None = getattr(self.allocator, method)(*call_arguments(entry, self.device))
+        return result
 
     def replay(self, calls: list[dict]) -> None:
         """Make every logged call again, in order."""

@@ -14,6 +14,7 @@ from typing import Any, Iterable, NamedTuple
 
 import torch
 
+from allocator.interface import SWAAllocator
 from canary.invariants import INVARIANTS, Name, Severity, Violation
 from canary.probes import AllocatorView, ProbeResults, run_probes
 from properties.compare import AllocatorState, FreeList, differences
@@ -38,15 +39,8 @@ class Observed:
     def state(self) -> "State":
         return State(self.mapping, self.full_free, self.swa_free)
 
-
-class State(NamedTuple):
-    """The mapping and both free lists (ready, then staged) as read back."""
-
-    mapping: list[int]
-    full_free: list[int]
-    swa_free: list[int]
-
-    def state(self) -> AllocatorState:
+    def as_allocator_state(self) -> AllocatorState:
+        """Everything `properties.compare.differences` compares, free lists in their order."""
         return AllocatorState(
             result=self.result,
             sizes=(self.full_available, self.swa_available, self.available),
@@ -57,12 +51,20 @@ class State(NamedTuple):
         )
 
 
-def observe(allocator: Any, result: torch.Tensor | None) -> Observed:
+class State(NamedTuple):
+    """The mapping and both free lists (ready, then staged) as read back."""
+
+    mapping: list[int]
+    full_free: list[int]
+    swa_free: list[int]
+
+
+def observe(allocator: SWAAllocator, result: torch.Tensor | None) -> Observed:
     """One device-to-host copy of everything the checks read."""
     view = AllocatorView.of(allocator)
     probes = run_probes(view)
     # Without a sentinel (MappingLayout.PADDED) translating -1 is no call the allocator takes.
-    first = 0 if "SENTINEL" in view.inapplicable else -1
+    first = 0 if Name.SENTINEL in view.inapplicable else -1
     every_index = torch.arange(first, view.mapping.numel() - 1, device=view.mapping.device)
     translated = allocator.translate_loc_from_full_to_swa(every_index)
     parts = [view.mapping, view.full_free, view.swa_free, translated, probes.packed.flatten()]
@@ -128,7 +130,7 @@ def check_step(
 def _check_result(
     observed: Observed, previous: State | None, expectation: Expectation, page_size: int
 ) -> list[Violation]:
-    found = []
+    found: list[Violation] = []
     if not expectation.is_allocation:
         return found
     if observed.result is None:
@@ -215,7 +217,7 @@ def _check_translation(observed: Observed) -> list[Violation]:
 
 def _check_contract(observed: Observed, model: SWAModel, expectation: Expectation) -> list[Violation]:
     found = [expectation.breach] if expectation.breach else []
-    found += differences(observed.state(), _expected_state(model, expectation), ("the allocator", "the model"))
+    found += differences(observed.as_allocator_state(), _expected_state(model, expectation), ("the allocator", "the model"))
     if found:
         return [violation(Name.CONTRACT, [], f"after {expectation.call}: " + "; ".join(found))]
     return []

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from allocator.interface import SWAAllocator
 from canary.invariants import INVARIANTS, InvariantViolation, Name, Violation
 from properties.compare import differences, read_state
 from properties.targets import AllocatorConfig, Target
@@ -56,7 +57,7 @@ def differential_target(first: Target, second: Target) -> Target:
 class DifferentialAllocator:
     """Two allocators behind one SPEC §1 interface."""
 
-    def __init__(self, first: Any, second: Any, names: tuple[str, str]) -> None:
+    def __init__(self, first: SWAAllocator, second: SWAAllocator, names: tuple[str, str]) -> None:
         self.sides = (first, second)
         self.names = names
         self._compare_states("construction")

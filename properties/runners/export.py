@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from allocator import SWATokenToKVPoolAllocator
+from allocator.free_list import FreeListAllocator
 from allocator.interface import CPU_ARGS, TENSOR_ARGS
 from canary.invariants import Name
 from properties.machines.driver import AllocatorDriver
@@ -72,7 +74,7 @@ def mapping_runs(mapping: torch.Tensor) -> list[tuple[int, int, int]]:
             runs[-1][2] += 1
         else:
             runs.append([full, swa, 1])
-    return [tuple(run) for run in runs]
+    return [(full, swa, length) for full, swa, length in runs]
 
 
 def call_source(entry: dict) -> str:
@@ -94,18 +96,21 @@ def call_source(entry: dict) -> str:
 
 
 # ------------------------------------------------------------ the reference's answers
+CONSTRUCTION: dict[str, Any] = {"call": "__init__", "args": []}
+
+
 @dataclass(frozen=True)
 class ReferenceStep:
     """One call of the program and the reference allocator's state right after it."""
 
-    entry: dict | None
-    """None for the state after construction."""
+    entry: dict[str, Any]
+    """The logged call; CONSTRUCTION for the state after construction."""
     raised: bool
     expected: dict
 
 
-def reference_state(allocator: Any, result: torch.Tensor | None) -> dict:
-    def free_list(pool: Any) -> tuple[list[int], list[int]]:
+def reference_state(allocator: SWATokenToKVPoolAllocator, result: torch.Tensor | None) -> dict[str, Any]:
+    def free_list(pool: FreeListAllocator) -> tuple[list[int], list[int]]:
         return pool.free_pages.tolist(), sorted(pool.release_pages.tolist())
 
     return {
@@ -120,15 +125,16 @@ def reference_state(allocator: Any, result: torch.Tensor | None) -> dict:
 
 def reference_steps(program: dict) -> list[ReferenceStep]:
     """Run the program on the reference allocator (CPU) and record its state after each call."""
-    driver = AllocatorDriver(reference_factory(AllocatorConfig(device="cpu", **program["config"])), "cpu")
-    steps = [ReferenceStep(None, False, reference_state(driver.allocator, None))]
+    reference = reference_factory(AllocatorConfig(device="cpu", **program["config"]))
+    driver = AllocatorDriver(reference, "cpu")
+    steps = [ReferenceStep(CONSTRUCTION, False, reference_state(reference, None))]
     for entry in program["calls"]:
         try:
             result = driver.call(entry["call"], *entry["args"])
         except Exception:  # the reference rejects the call: the test expects an error too
-            steps.append(ReferenceStep(entry, True, reference_state(driver.allocator, None)))
+            steps.append(ReferenceStep(entry, True, reference_state(reference, None)))
         else:
-            steps.append(ReferenceStep(entry, False, reference_state(driver.allocator, result)))
+            steps.append(ReferenceStep(entry, False, reference_state(reference, result)))
     return steps
 
 

@@ -25,12 +25,13 @@ from properties.targets.mutants import MUTANTS, mutant_factory
 @dataclass
 class MutantResult:
     name: str
-    breaks: tuple[str, ...]
+    breaks: tuple[Name, ...]
     """The invariants the mutant's bug breaks (its docstring says why)."""
     caught: bool
-    invariant: str = ""
-    """The first (most severe) invariant reported; "CRASH" when the target raised instead."""
-    invariants: list[str] = field(default_factory=list)
+    invariant: Name | None = None
+    """The first (most severe) invariant reported (CRASH when the target raised instead); None
+    for a mutant that escaped."""
+    invariants: list[Name] = field(default_factory=list)
     detect_seconds: float = 0.0
     """Time to the first failing program (no shrinking), or the whole budget if escaped."""
     minimal_seconds: float = 0.0

@@ -17,11 +17,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
 from allocator import SWATokenToKVPoolAllocator
+from allocator.interface import SWAAllocator
 
 
 class TargetError(ValueError):
@@ -38,7 +39,8 @@ class AllocatorConfig:
     dtype: torch.dtype = torch.float16
 
 
-Factory = Callable[[AllocatorConfig], Any]
+Factory = Callable[[AllocatorConfig], SWAAllocator]
+"""What a target is made from: a config in, an allocator with the SPEC §1 interface out."""
 
 
 @dataclass(frozen=True)
@@ -169,9 +171,10 @@ def with_contract_changes(target: Target, relax: Iterable[str] = (), restrict: I
     return Target(f"{target.name} [{' '.join(changes)}]", target.factory, after, target.capabilities)
 
 
-def build_allocator(
-    allocator_class: type[SWATokenToKVPoolAllocator], config: AllocatorConfig, checked: bool
-) -> SWATokenToKVPoolAllocator:
+_Reference = TypeVar("_Reference", bound=SWATokenToKVPoolAllocator)
+
+
+def build_allocator(allocator_class: type[_Reference], config: AllocatorConfig, checked: bool) -> _Reference:
     """The reference allocator, or a subclass of it, built from a config."""
     return allocator_class(
         config.size,
@@ -189,7 +192,7 @@ def reference_factory(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
     return build_allocator(SWATokenToKVPoolAllocator, config, checked=True)
 
 
-def sglang_factory(config: AllocatorConfig) -> Any:
+def sglang_factory(config: AllocatorConfig) -> SWAAllocator:
     """sglang's own allocator (needs the `sglang` extra, see .ci/install-sglang)."""
     from allocator.sglang_adapter import make_sglang_allocator
 
@@ -335,4 +338,4 @@ def as_target(target: "str | Factory | Target", name: str | None = None) -> Targ
         raise TargetError(
             f"the capabilities of factory {target!r} are a {type(capabilities).__name__}, not TargetCapabilities"
         )
-    return Target(name or getattr(target, "__name__", repr(target)), target, contract, capabilities)
+    return Target(name or str(getattr(target, "__name__", repr(target))), target, contract, capabilities)

@@ -19,7 +19,7 @@ why.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -48,7 +48,7 @@ class PoolMutant(Mutant):
     token_pool: type[TokenToKVPoolAllocator] | None = None
     paged_pool: type[PagedTokenToKVPoolAllocator] | None = None
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         mutated = self.paged_pool if self.page_size > 1 else self.token_pool
         if mutated is not None:

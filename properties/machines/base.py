@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -29,6 +31,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from allocator.interface import SWAAllocator
 from canary.invariants import InvariantViolation
 from properties.machines import reach
 from properties.machines.driver import AllocatorDriver
@@ -91,7 +94,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.allocator = None
+        self.allocator: SWAAllocator | None = None
         self.window: int | None = None
 
     def start(self, size: int, size_swa: int, page_size: int, need_sort: bool) -> None:
@@ -106,10 +109,11 @@ class AllocatorMachine(RuleBasedStateMachine):
             self.stats.last_program = {"config": self.model.config(), "calls": calls}
         self.allocator = self.factory(AllocatorConfig(size, size_swa, page_size, self.device, need_sort))
         self.driver = AllocatorDriver(self.allocator, self.device, calls)
-        self.handles: dict[int, object] = {}
+        self.handles: dict[int, Any] = {}
+        """Live holdings (SlotMachine) or requests (RequestMachine), by handle."""
         self.next_handle = 0
-        self.saved: dict[int, tuple[SWAModel, dict]] = {}
-        self.result = None
+        self.saved: dict[int, tuple[SWAModel, dict[int, Any]]] = {}
+        self.result: torch.Tensor | None = None
         self.expectation = Expectation("__init__")
         self.step_check = StepCheck(self.allocator, self.driver)
         self.failed = False

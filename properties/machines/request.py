@@ -18,6 +18,7 @@ from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
+    MultipleResults,
     consumes,
     initialize,
     multiple,
@@ -55,6 +56,8 @@ class RequestMachine(AllocatorMachine):
 
     page_size = 1
     requests = Bundle("requests")
+    handles: dict[int, Request]
+    window: int
 
     @initialize(pages=st.integers(2, 16), swa_pages=st.integers(1, 16), need_sort=st.booleans(), window=WINDOWS)
     def setup(self, pages: int, swa_pages: int, need_sort: bool, window: int) -> None:
@@ -116,7 +119,7 @@ class RequestMachine(AllocatorMachine):
 
     # ------------------------------------------------------------------ rules
     @rule(target=requests, lengths=st.lists(CHUNKS, min_size=1, max_size=3))
-    def admit(self, lengths: list[int]):
+    def admit(self, lengths: list[int]) -> MultipleResults[int]:
         """New requests' prefill, batched in one allocation."""
         fresh = [Request([]) for _ in lengths]
         if not self.extend(fresh, lengths):
@@ -124,7 +127,7 @@ class RequestMachine(AllocatorMachine):
         return multiple(*(self.new_handle(request) for request in fresh))
 
     @rule(target=requests, pick=requests, chunk=CHUNKS, lengths=st.lists(CHUNKS, min_size=1, max_size=2))
-    def prefill_with_chunk(self, pick: int, chunk: int, lengths: list[int]):
+    def prefill_with_chunk(self, pick: int, chunk: int, lengths: list[int]) -> MultipleResults[int]:
         """A prefill batch as a scheduler forms it: the next chunk of a request whose prefix
         is cached, then new requests, in one allocation."""
         chunked = self.live([pick])
@@ -241,7 +244,7 @@ class PagedRequestMachine(RequestMachine):
 
     @precondition(lambda self: self.allows("swa_tail"))
     @rule(target=RequestMachine.requests, length=CHUNKS, tail=TAILS)
-    def admit_swa_tail(self, length: int, tail: int):
+    def admit_swa_tail(self, length: int, tail: int) -> int | MultipleResults[int]:
         """Admit a request whose SWA slots cover only its last `tail` tokens."""
         request = Request([])
         if not self.extend_tail(request, length, tail):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, consumes, initialize, multiple, rule
+from hypothesis.stateful import Bundle, MultipleResults, consumes, initialize, multiple, rule
 
 from properties.machines.base import ENDINGS, AllocatorMachine
 
@@ -22,6 +22,7 @@ class SlotMachine(AllocatorMachine):
     """Page size 1, slot-level calls: alloc, free, free_swa on part of a holding, free_full."""
 
     holdings = Bundle("holdings")
+    handles: dict[int, Holding]
 
     @initialize(size=st.integers(1, 24), size_swa=st.integers(1, 24), need_sort=st.booleans())
     def setup(self, size: int, size_swa: int, need_sort: bool) -> None:
@@ -31,15 +32,15 @@ class SlotMachine(AllocatorMachine):
         return {token for holding in self.handles.values() for token in holding.tokens}
 
     @rule(target=holdings, need=st.integers(0, 10))
-    def alloc(self, need: int):
+    def alloc(self, need: int) -> int | MultipleResults[int]:
         return self.hold(need)
 
     @rule(target=holdings, pool=st.sampled_from(("full", "swa")))
-    def alloc_filling_pool(self, pool: str):
+    def alloc_filling_pool(self, pool: str) -> int | MultipleResults[int]:
         """Allocate as many slots as `pool` has free: it empties if the other can serve it."""
         return self.hold(getattr(self.model, pool).available())
 
-    def hold(self, need: int):
+    def hold(self, need: int) -> int | MultipleResults[int]:
         """One alloc(need), kept as a holding."""
         live_before = self.live_tokens()
         slots = self.allocate("alloc", (need,), self.model.alloc(need), live_before)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, MultipleResults, consumes, initialize, multiple, rule
+from hypothesis.stateful import (
+    Bundle,
+    MultipleResults,
+    consumes,
+    initialize,
+    multiple,
+    rule,
+)
 
 from properties.machines.base import ENDINGS, AllocatorMachine
 

@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from properties.targets import AllocatorConfig, Target, TargetError
 
@@ -73,7 +73,7 @@ def _source_file(cls: type) -> str | None:
     except TypeError:  # a built-in class
         return None
     # abc, typing and friends are not the target's own source.
-    if path is None or os.path.dirname(path) == os.path.dirname(inspect.getsourcefile(inspect)):
+    if path is None or os.path.dirname(path) == os.path.dirname(inspect.__file__):
         return None
     return os.path.realpath(path)
 
@@ -115,7 +115,7 @@ def _import_time_lines(path: str) -> set[int]:
     return lines
 
 
-def _fill(report: CoverageReport, measurer: object) -> None:
+def _fill(report: CoverageReport, measurer: Any) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "coverage.json")
         measurer.json_report(outfile=path, show_contexts=False)

@@ -10,7 +10,7 @@ the registry: first the model-free probes, then the model-based invariants, and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Iterable, NamedTuple
 
 import torch
 

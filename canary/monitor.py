@@ -130,7 +130,7 @@ class CanaryMonitor:
             self._guarded(lambda: self._prepare(allocator, page_size, probes, max_indices))
 
     def _prepare(
-        self, allocator: object, page_size: int | None, probes: Iterable[str] | None, max_indices: int
+        self, allocator: SWAAllocator, page_size: int | None, probes: Iterable[str] | None, max_indices: int
     ) -> None:
         """Read the allocator once and set up the read-back slots (in warn mode, an allocator
         it cannot read turns the monitor off with one log line, as any later error does)."""

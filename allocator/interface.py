@@ -51,10 +51,9 @@ def call_arguments(call: dict[str, Any], device: torch.device | str) -> list[Any
 
 
 class Pool(Protocol):
-    """One of the two pools of the hybrid allocator (its free units are read by the probes:
-    `get_all_free_pages()` where it exists, else `free_pages` and `release_pages`)."""
-
-    def available_size(self) -> int: ...
+    """One of the two pools of the hybrid allocator. The probes read its free units through
+    `get_all_free_pages()` where it has one, else through `free_pages` and `release_pages`
+    (sglang's pools): no one method is required."""
 
 
 class SWAAllocator(Protocol):

@@ -341,5 +341,7 @@ class SWATokenToKVPoolAllocator:
     def _paged_pools(self, call: str) -> tuple[PagedTokenToKVPoolAllocator, PagedTokenToKVPoolAllocator]:
         full, swa = self.full_attn_allocator, self.swa_attn_allocator
         if not (isinstance(full, PagedTokenToKVPoolAllocator) and isinstance(swa, PagedTokenToKVPoolAllocator)):
-            raise UnsupportedOperationError(f"{call} needs page_size > 1; this allocator has page_size {self.page_size}")
+            raise UnsupportedOperationError(
+                f"{call} needs page_size > 1; this allocator has page_size {self.page_size}"
+            )
         return full, swa

@@ -104,7 +104,8 @@ def differences(
     if actual.sizes != expected.sizes:
         found.append(f"sizes (full, SWA, available) {_both(names, actual.sizes, expected.sizes)}")
     found += _mapping_differences(actual.mapping, expected.mapping, names)
-    for pool, got, want in (("full", actual.full_free, expected.full_free), ("swa", actual.swa_free, expected.swa_free)):
+    pools = (("full", actual.full_free, expected.full_free), ("swa", actual.swa_free, expected.swa_free))
+    for pool, got, want in pools:
         if want is not None and got is not None and _free_list_differs(got, want):
             found.append(f"{pool} free list {_both(names, _shown(got), _shown(want))}")
     if expected.in_free_group is not None and actual.in_free_group != expected.in_free_group:

@@ -62,7 +62,8 @@ def replay_trace(
         )
     for index, call in enumerate(trace["calls"]):
         result = getattr(allocator, call["call"])(*call_arguments(call, device))
-        found = differences(read_state(allocator, result), recorded_state(call, config["mapping_len"]), ("got", "recorded"))
+        recorded = recorded_state(call, config["mapping_len"])
+        found = differences(read_state(allocator, result), recorded, ("got", "recorded"))
         if found:
             return f"call #{index} {call['call']}: " + "; ".join(found)
     return None

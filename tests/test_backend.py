@@ -17,7 +17,10 @@ from canary.probes import ProbeInputError
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize(("package", "error"), [("canary.probes", ProbeInputError), ("canary.divergence", DivergenceInputError)])
+CHECKS = [("canary.probes", ProbeInputError), ("canary.divergence", DivergenceInputError)]
+
+
+@pytest.mark.parametrize(("package", "error"), CHECKS)
 def test_each_check_names_a_triton_backend_that_exists(package: str, error: type[Exception]) -> None:
     assert importlib.util.find_spec(f"{package}.triton_backend") is not None
     assert choose_backend("torch", CPU, package, error) is None
@@ -27,12 +30,15 @@ def test_each_check_names_a_triton_backend_that_exists(package: str, error: type
 
 
 @pytest.mark.parametrize("interpreted", [False, True])
-def test_triton_runs_on_cpu_only_interpreted_and_never_by_default(monkeypatch: pytest.MonkeyPatch, interpreted: bool) -> None:
+def test_triton_runs_on_cpu_only_interpreted_and_never_by_default(
+    monkeypatch: pytest.MonkeyPatch, interpreted: bool
+) -> None:
     # A stand-in backend module: importing the real one here would build its kernels in one
     # mode for the whole process (tests/test_divergence.py's triton_ready fixture says why).
     kernels = SimpleNamespace(INTERPRETED=interpreted)
     monkeypatch.setattr(canary.backend, "importlib", SimpleNamespace(import_module=lambda name: kernels))
-    assert choose_backend("auto", torch.device("cuda"), "canary.probes", ProbeInputError) is (None if interpreted else kernels)
+    chosen = choose_backend("auto", torch.device("cuda"), "canary.probes", ProbeInputError)
+    assert chosen is (None if interpreted else kernels)
     if interpreted:
         assert choose_backend("triton", CPU, "canary.probes", ProbeInputError) is kernels
     else:

@@ -42,7 +42,10 @@ def test_an_equal_state_has_no_difference() -> None:
     [
         ({"result": None}, "returned (the allocator None, the reference [3, 4])"),
         ({"sizes": (6, 2, 1)}, "sizes (full, SWA, available) (the allocator (6, 2, 1), the reference (6, 2, 2))"),
-        ({"mapping": dense_mapping(10, [(3, 1), (4, 3)])}, "mapping differs at [4] (the allocator [3], the reference [2])"),
+        (
+            {"mapping": dense_mapping(10, [(3, 1), (4, 3)])},
+            "mapping differs at [4] (the allocator [3], the reference [2])",
+        ),
         ({"mapping": dense_mapping(11, [(3, 1), (4, 2)])}, "mapping length (the allocator 11, the reference 10)"),
         ({"full_free": FreeList([6, 5, 7, 8, 1, 2])}, "full free list (the allocator [6, 5, 7, 8, 1, 2]"),
         ({"swa_free": FreeList([3])}, "swa free list (the allocator [3], the reference [3, 4])"),
@@ -87,7 +90,9 @@ def test_golden_replay_reports_the_first_call_a_mutant_gets_wrong() -> None:
     factory = mutant_factory("available_uses_max")
 
     def make_allocator(config: dict) -> SWATokenToKVPoolAllocator:
-        return factory(AllocatorConfig(config["size"], config["size_swa"], config["page_size"], "cpu", config["need_sort"]))
+        sizes = (config["size"], config["size_swa"], config["page_size"])
+        return factory(AllocatorConfig(*sizes, "cpu", config["need_sort"]))
 
     found = [difference for trace in TRACES if (difference := replay_trace(trace, make_allocator)) is not None]
-    assert found and all(difference.startswith("call #") and "sizes (full, SWA, available) (got" in difference for difference in found)
+    assert found
+    assert all(line.startswith("call #") and "sizes (full, SWA, available) (got" in line for line in found)

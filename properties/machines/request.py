@@ -175,7 +175,7 @@ class RequestMachine(AllocatorMachine):
             self.end_tokens(request.tokens, request.evict_floor, ending)
 
     @rule(target=requests, pool=POOLS, short=SHORT_OF_PAGE)
-    def admit_filling_pool(self, pool: str, short: int):
+    def admit_filling_pool(self, pool: str, short: int) -> int | MultipleResults[int]:
         """Admit one request as long as `pool`'s free space, less `short` tokens of its last
         page: the allocation takes every free page of that pool if the other can serve it."""
         length = getattr(self.model, pool).available() - short

@@ -217,7 +217,8 @@ def _check_translation(observed: Observed) -> list[Violation]:
 
 def _check_contract(observed: Observed, model: SWAModel, expectation: Expectation) -> list[Violation]:
     found = [expectation.breach] if expectation.breach else []
-    found += differences(observed.as_allocator_state(), _expected_state(model, expectation), ("the allocator", "the model"))
+    expected = _expected_state(model, expectation)
+    found += differences(observed.as_allocator_state(), expected, ("the allocator", "the model"))
     if found:
         return [violation(Name.CONTRACT, [], f"after {expectation.call}: " + "; ".join(found))]
     return []

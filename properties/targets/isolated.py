@@ -168,10 +168,11 @@ class WorkerServer:
             raise IsolationError(f"the worker server for {self.spec!r} is gone: {error}") from error
         reply = self._reply()
         if reply is None:
-            raise IsolationError(f"the worker server for {self.spec!r} {describe_exit(self.process.poll())}")
+            code = None if self.process is None else self.process.poll()
+            raise IsolationError(f"the worker server for {self.spec!r} {describe_exit(code)}")
         return reply
 
-    def _request_spare(self) -> None:
+    def _request_spare(self) -> socket.socket:
         ours, theirs = socket.socketpair()
         try:
             socket.send_fds(self.control, [encode(["fork"])], [theirs.fileno()])
@@ -180,6 +181,7 @@ class WorkerServer:
         finally:
             theirs.close()
         self.spare, self.spare_requested = ours, True
+        return ours
 
     def _collect_spare(self) -> None:
         if self.spare_requested:
@@ -193,10 +195,9 @@ class WorkerServer:
         """An idle session, else a newly forked one (in fresh mode the next is forked meanwhile)."""
         if self.idle and not self.fresh_sessions:
             return self.idle.pop()
-        if self.spare is None:
-            self._request_spare()
+        spare = self.spare if self.spare is not None else self._request_spare()
         self._collect_spare()
-        taken = Session(self.spare, self.spare_pid)
+        taken = Session(spare, self.spare_pid)
         self.spare = None
         if self.fresh_sessions:
             self._request_spare()

@@ -91,11 +91,11 @@ def decode(body: bytearray, device: str = "cpu") -> list[Any]:
 
 
 def _decode(body: bytearray, offset: int, device: str) -> tuple[Any, int]:
-    tag = body[offset : offset + 1]
+    tag = bytes(body[offset : offset + 1])
     offset += 1
     try:
         if tag in (b"N", b"T", b"F"):
-            return {b"N": None, b"T": True, b"F": False}[bytes(tag)], offset
+            return {b"N": None, b"T": True, b"F": False}[tag], offset
         if tag == b"i":
             return INT.unpack_from(body, offset)[0], offset + INT.size
         count = COUNT.unpack_from(body, offset)[0]

@@ -211,7 +211,8 @@ def warm_up() -> None:
     from properties.targets import reference_factory
 
     allocator = reference_factory(AllocatorConfig(16, 16, 4))
-    allocator.alloc_extend(*(torch.tensor([n]) for n in (0, 0, 5, 5, -1)), 5)
+    prefix, seq = torch.tensor([0]), torch.tensor([5])
+    allocator.alloc_extend(prefix, prefix, seq, seq, torch.tensor([-1]), 5)
     read_state(allocator)
 
 

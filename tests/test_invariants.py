@@ -10,8 +10,9 @@ from allocator import SWATokenToKVPoolAllocator
 from canary.invariants import INVARIANTS, Checker, Invariant, Name, Severity, registry
 from canary.probes import AllocatorView, run_probes
 from canary.probes.plan import CHECK_DETAILS
-from properties.runners.check import run_check
+from properties.runners.check import finding_from, run_check
 from properties.targets import AllocatorConfig, Target
+from properties.targets.isolated import TargetCrashed, TargetHung
 from properties.targets.mutants import MUTANTS
 
 
@@ -68,6 +69,13 @@ def test_the_runner_reports_a_raising_target_as_crash() -> None:
     assert "free is broken" in report.finding.detail
 
 
-@pytest.mark.xfail(strict=True, reason="HANG is reported by the out-of-process runner, not yet in place")
-def test_the_runner_reports_a_hanging_target_as_hang() -> None:
-    from properties.runners import isolation  # type: ignore[attr-defined]  # noqa: F401
+@pytest.mark.parametrize(
+    ("error", "name"),
+    [(RuntimeError("free is broken"), Name.CRASH), (TargetCrashed("killed by SIGSEGV"), Name.CRASH),
+     (TargetHung("did not return within 0.25s"), Name.HANG)],
+)
+def test_the_runner_names_every_way_a_call_can_end_badly(error: Exception, name: Name) -> None:
+    # A real hanging and a real crashing target: tests/test_isolation.py.
+    finding = finding_from("SlotMachine", error, run_seed=0, seconds=0.0)
+    assert finding.invariant is name and finding.severity == INVARIANTS[name].severity.value
+    assert {n for n, inv in INVARIANTS.items() if inv.checker is Checker.RUNNER} == {Name.CRASH, Name.HANG}

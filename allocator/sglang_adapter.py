@@ -169,8 +169,11 @@ def _build(
     if device.type == "cpu" and page_size > 1:
         # sglang picks Triton or torch paging kernels from the process's platform, not from
         # the allocator's device: on a CUDA host it would launch Triton kernels on CPU tensors.
-        allocator.full_attn_allocator.use_triton_kernels = False
-        allocator.swa_attn_allocator.use_triton_kernels = False
+        # (0.5.22 on; earlier releases have Triton kernels only, which Triton's interpreter
+        # runs on CPU: _interpret_triton_without_a_gpu.)
+        for pool in (allocator.full_attn_allocator, allocator.swa_attn_allocator):
+            if hasattr(pool, "use_triton_kernels"):
+                pool.use_triton_kernels = False
     return allocator
 
 
@@ -192,16 +195,27 @@ def sglang_capabilities() -> TargetCapabilities:
     cls = find_sglang_allocator_class()
     parameters = _constructor_parameters(cls)
     probe = make_sglang_allocator(size=8, size_swa=4, page_size=1)
+    paged = "page_size" in parameters and _paged_allocation_runs_here()
     return TargetCapabilities(
-        paged="page_size" in parameters and _paged_allocation_runs_here(),
+        paged=paged,
         need_sort="need_sort" in parameters,
         alloc_extend_swa_tail=callable(getattr(cls, "alloc_extend_swa_tail", None)),
         free_full=callable(getattr(cls, "free_full", None)),
         free_groups=callable(getattr(cls, "free_group_begin", None)) and callable(getattr(cls, "free_group_end", None)),
         backup_restore=callable(getattr(cls, "backup_state", None)) and not _raises_not_implemented(probe.backup_state),
+        decode_beyond_capacity=paged and not _decode_kernel_reads_past_the_free_list_here(),
         available_size=not _raises_not_implemented(probe.available_size),
         mapping_sentinel=not _has_padded_layout(cls),
     )
+
+
+def _decode_kernel_reads_past_the_free_list_here() -> bool:
+    """Whether an alloc_decode beyond capacity would crash this process: releases whose paged
+    allocator has no torch path (no `use_triton_kernels`, up to 0.5.21) run a decode kernel
+    that loads from the free list before checking its length. On a GPU that load reads memory
+    past the list and its result is dropped; Triton's interpreter (no GPU) dereferences it."""
+    paged = make_sglang_allocator(size=8, size_swa=8, page_size=2).full_attn_allocator
+    return not hasattr(paged, "use_triton_kernels") and not torch.cuda.is_available()
 
 
 def _paged_allocation_runs_here() -> bool:

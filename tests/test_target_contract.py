@@ -240,3 +240,14 @@ def test_a_target_needs_only_the_methods_its_capabilities_call() -> None:
     check_target_builds(Target("old", factory, SPEC_CONTRACT, capabilities), "cpu")
     with pytest.raises(TargetError, match="it has no free_full$"):
         check_target_builds(Target("old", factory, SPEC_CONTRACT, TargetCapabilities(backup_restore=False)), "cpu")
+
+
+def test_without_the_capability_a_decode_that_cannot_fit_is_never_made() -> None:
+    RefusesFailingDecode.nearby_calls = 0
+    capabilities = TargetCapabilities(decode_beyond_capacity=False)
+    target = Target("no-failing-decode", RefusesFailingDecode.factory(), SPEC_CONTRACT, capabilities)
+    report = run_check(target, budget=5, seed=2, machines=RefusesFailingDecode.machines)
+    assert report.finding is None, report.finding.explain()
+    assert RefusesFailingDecode.nearby_calls > 0
+    # --relax all keeps what the target cannot be called with.
+    assert not with_contract_changes(target, relax=["all"]).capabilities.decode_beyond_capacity

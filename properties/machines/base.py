@@ -73,7 +73,7 @@ CALL_PATTERNS: dict[str, CallPattern] = {
     "backup_restore": CallPattern(("backup_state", "restore_state"), "no_backup_restore", "backup_restore"),
     "free_full": CallPattern(("free_full",), None, "free_full"),
     "free_of_released_swa_peers_at_ps1": CallPattern(("free",), "free_held_swa_peers_only_at_ps1"),
-    "decode_without_capacity": CallPattern(("alloc_decode",), "decode_capacity_prechecked"),
+    "decode_without_capacity": CallPattern(("alloc_decode",), "decode_capacity_prechecked", "decode_beyond_capacity"),
     "swa_tail": CallPattern(("alloc_extend_swa_tail",), None, "alloc_extend_swa_tail"),
     "unaligned_swa_tail": CallPattern(("alloc_extend_swa_tail",), "swa_tail_page_aligned", "alloc_extend_swa_tail"),
 }

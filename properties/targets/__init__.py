@@ -96,6 +96,10 @@ class TargetCapabilities:
     free_full: bool = True
     free_groups: bool = True
     backup_restore: bool = True
+    decode_beyond_capacity: bool = True
+    """alloc_decode with fewer free pages than it needs (it must return None); else only decodes
+    that fit: sglang 0.5.8-0.5.21 under Triton's interpreter (no GPU), whose decode kernel
+    reads past the end of an exhausted free list and kills the process."""
     available_size: bool = True
     """available_size() answers; else it raises NotImplementedError and AVAIL does not apply."""
     mapping_sentinel: bool = True

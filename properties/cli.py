@@ -66,7 +66,7 @@ def usage_errors() -> tuple[type[Exception], ...]:
     from properties.campaign import CampaignConfigError
     from properties.campaign.database import CampaignDatabaseError
     from properties.targets import TargetError
-    from properties.targets.isolated import IsolationError
+    from properties.targets.workers import IsolationError
 
     return (UsageError, TargetError, IsolationError, CampaignConfigError, CampaignDatabaseError, SimulationConfigError,
             SnapshotError, ProbeInputError, DivergenceInputError, SweepInputError)

@@ -23,7 +23,8 @@ from canary.invariants import INVARIANTS, InvariantViolation, Name, Severity
 from properties.machines import AllocatorMachine, machine_classes
 from properties.settings import PROFILES
 from properties.targets import Factory, Target, as_target
-from properties.targets.isolated import IsolationError, TargetHung
+from properties.targets.isolated import TargetHung
+from properties.targets.workers import IsolationError
 
 EXAMPLES_PER_RUN = 8
 SHRINKING_STEPS_PER_PROGRAM = 15

@@ -106,10 +106,12 @@ def apply_isolation(args: argparse.Namespace) -> None:
             raise UsageError(f"--call-timeout must be positive, got {args.call_timeout:g}")
         os.environ["SWA_CALL_TIMEOUT"] = repr(args.call_timeout)
     if getattr(args, "isolate", False):
+        from properties.targets import isolated_spec
+
         for name in ("target", "against"):
             spec = getattr(args, name, None)
-            if spec is not None and "@" not in spec:
-                setattr(args, name, f"{spec}@")
+            if spec is not None:
+                setattr(args, name, isolated_spec(spec))
 
 
 def check_usage(args: argparse.Namespace) -> Any:
@@ -193,10 +195,16 @@ def command_fuzz(args: argparse.Namespace) -> int:
     database = DatabaseSpec.parse(args.db, out)
     if database.redis_url is None:
         check_output_directory(database.local, "--db")
+    if args.in_process and (args.isolate or "@" in args.target):
+        raise UsageError(
+            "--in-process runs the target in the workers themselves: give no --isolate and no TARGET@PYTHON"
+        )
+    args.isolate = not args.in_process
     check_usage(args)
     given = {"examples_per_run": args.examples_per_run, "status_seconds": args.interval}
     config = CampaignConfig(
         target=args.target,
+        isolate=args.isolate,
         device=args.device,
         duration=args.duration,
         workers=args.workers,
@@ -327,6 +335,12 @@ def add_fuzz_parser(commands: Any) -> None:
         "fuzz", help="an overnight campaign: worker processes, a shared example database, exported findings"
     )
     add_target_options(fuzz)
+    fuzz.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the target inside the campaign's workers instead of a process of its own (the default, as "
+        "--isolate): faster, but a crashing target kills a worker and its finding has no minimal program",
+    )
     fuzz.add_argument("--duration", type=parse_duration, default=8 * 3600.0, help="how long to run (default 8h)")
     fuzz.add_argument(
         "--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (default: one per core)"

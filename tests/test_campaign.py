@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
 BROKEN = "test_campaign:keeps_mapping_on_free"
 FAST = ("SlotMachine",)
+SEGFAULTS = "tests.isolation_targets:segfaults_on_second_alloc"
 
 
 def keeps_mapping_on_free(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
@@ -157,7 +158,7 @@ def test_sigint_ends_with_a_summary_and_an_intact_database(broken_run: BrokenRun
 def test_the_exported_finding_fails_on_the_broken_allocator_and_passes_on_the_reference(broken_run: BrokenRun) -> None:
     directory = Path(broken_run.finding["path"])
     report = load_report(directory)
-    assert report["kind"] == "violation" and report["target"] == BROKEN and report["machine"] == "SlotMachine"
+    assert report["kind"] == "violation" and report["target"] == f"{BROKEN}@" and report["machine"] == "SlotMachine"
     assert report["calls"]["calls"] and report["program"].startswith("state = SlotMachine()")
     # `replay` runs the file with pytest on the finding's own target; then pytest itself, on the reference.
     on_broken = subprocess.run([sys.executable, "-m", "properties.cli", "replay", str(directory)], env=ENV,
@@ -203,6 +204,25 @@ def test_a_worker_killed_mid_run_is_replaced(tmp_path: Path) -> None:
     assert (summary["crashes"], summary["restarts"], returncode) == (1, 1, 1)
     report = json.loads((Path(crash["path"]) / REPORT_NAME).read_text())
     assert (report["kind"], report["seed"], report["exitcode"]) == ("crash", crash["seed"], -signal.SIGKILL)
+
+
+def test_a_segfaulting_target_is_a_crash_finding_and_the_worker_lives_on(tmp_path: Path) -> None:
+    """fuzz isolates the target by default: the segfault kills the target's process, not the
+    worker, which reports a shrunk CRASH finding and goes on to find it again."""
+    findings: list[dict] = []
+
+    def found_twice(record: dict) -> bool:
+        findings.extend([record] if is_finding(record) else [])
+        return len(findings) == 2
+
+    summary, recorder = campaign(tmp_path, target=SEGFAULTS, stop_on=found_twice)
+    finding = recorder.events("finding")[0]
+    assert (finding["invariant"], finding["kind"]) == (Name.CRASH, "error"), finding
+    report = load_report(Path(finding["path"]))
+    assert "SIGSEGV" in report["detail"] and [call["call"] for call in report["calls"]["calls"]] == ["alloc", "alloc"]
+    assert (summary["crashes"], summary["restarts"], summary["target"]) == (0, 0, f"{SEGFAULTS}@")
+    pids = {tuple(record["pids"]) for record in recorder.events("status") if record["pids"]}
+    assert len(pids) == 1, pids  # one worker process from start to end
 
 
 # ------------------------------------------------------------------ Redis

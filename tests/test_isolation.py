@@ -175,6 +175,8 @@ def test_the_command_line_isolates_and_exits_by_the_contract(capsys: pytest.Capt
                  "--budget", "2", "--seed", "1"]) == EXIT_CLEAN
     assert f"against reference@{sys.executable} vs reference@ on cpu" in capsys.readouterr().out
     assert main(["check", "--target", "reference@/no/such/python", "--budget", "1"]) == EXIT_USAGE
+    assert main(["fuzz", "--in-process", "--isolate", "--duration", "1"]) == EXIT_USAGE
+    assert "--in-process runs the target in the workers themselves" in capsys.readouterr().err
     with pytest.raises(SystemExit) as bad_timeout:
         main(["check", "--isolate", "--call-timeout", "0", "--budget", "1"])
     assert bad_timeout.value.code == EXIT_USAGE

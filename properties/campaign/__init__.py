@@ -4,7 +4,10 @@ The coordinator starts N workers (properties/campaign_worker.py, `spawn` process
 with its own seed, and supervises them until the duration is spent or SIGINT / SIGTERM:
 - it adds up their progress and shows it (properties/campaign_progress.py);
 - it relays their findings, which they have already written to OUT/findings/<id>/;
-- a worker that dies (a signal, os._exit, a CUDA error) becomes a finding of kind "crash"
+- each worker runs the target in a process of its own (CampaignConfig.isolate, the default),
+  so a target that segfaults, aborts or hangs is a CRASH or HANG finding with a minimal
+  program and the worker goes on;
+- a worker that dies nonetheless (a signal, os._exit, a CUDA error) becomes a finding of kind "crash"
   with the machine and seed it was running, and is replaced by a fresh worker (with a delay
   when one slot keeps dying);
 - on SIGINT or SIGTERM (or at the end of the duration) it stops the workers between runs,
@@ -39,7 +42,7 @@ from properties.campaign.resume import PASSES, check_known
 from properties.campaign.worker import PASS_NAMES, WorkerPlan, worker_main
 from properties.machines import MACHINES
 from properties.runners.export import exported_findings, write_crash
-from properties.targets import resolve_target
+from properties.targets import isolated_spec, resolve_target
 
 CRASH_WINDOW_SECONDS = 60.0
 """A slot that dies more than twice within this window waits before its next restart."""
@@ -69,6 +72,11 @@ class CampaignConfig:
     reuse_seconds: float = 300.0
     grace_seconds: float = 15.0
     """How long stopping workers may take before they are terminated."""
+    isolate: bool = True
+    """Run the target in its own process under each worker (TARGET@, unless the target names
+    its Python): a target that crashes or hangs is then a CRASH or HANG finding, shrunk, and
+    the worker goes on. False runs it in the workers themselves: faster, and a crash kills the
+    worker (a "crash" finding with no minimal program; the worker is replaced)."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.machines) - set(MACHINES))
@@ -82,6 +90,11 @@ class CampaignConfig:
         problems = [problem for problem in problems if problem]
         if problems:
             raise CampaignConfigError("; ".join(problems))
+
+    @property
+    def worker_target(self) -> str:
+        """The target spec the workers resolve."""
+        return isolated_spec(self.target) if self.isolate else self.target
 
     @property
     def findings_dir(self) -> Path:
@@ -151,7 +164,7 @@ class Campaign:
     def run(self) -> dict:
         """Run the campaign to its end; the summary record."""
         config = self.config
-        resolve_target(config.target)
+        resolve_target(config.worker_target)
         check_redis_available(config.database_spec)
         config.findings_dir.mkdir(parents=True, exist_ok=True)
         previous = self._install_signal_handlers()
@@ -189,7 +202,7 @@ class Campaign:
         known = exported_findings(self.config.findings_dir)
         if not known:
             return
-        self.known = check_known(known, self.config.target, self.config.device)
+        self.known = check_known(known, self.config.worker_target, self.config.device)
         self.display.event(
             {
                 "event": "resume",
@@ -205,7 +218,7 @@ class Campaign:
         return WorkerPlan(
             slot=slot,
             seed=self.rng.randrange(2**32),
-            target=config.target,
+            target=config.worker_target,
             device=config.device,
             database=config.database_spec,
             findings_dir=str(config.findings_dir),
@@ -396,7 +409,7 @@ class Campaign:
         return {
             "event": "summary",
             "stopped_by": self.stopped_by,
-            "target": self.config.target,
+            "target": self.config.worker_target,
             "device": self.config.device,
             "seed": self.master,
             "database": self.config.database_spec.describe(),

@@ -19,7 +19,7 @@ from pathlib import Path
 from properties.campaign.database import DatabaseSpec
 from properties.campaign.worker import DATABASE, PASS_NAMES, rerun
 from properties.runners.export import REPORT_NAME, load_report, run_regression
-from properties.targets import check_target_builds, resolve_target
+from properties.targets import check_target_builds, isolated_spec, resolve_target
 from properties.usage import UsageError
 
 FAILS, PASSES, CRASHES = "fails", "passes", "crashes"
@@ -105,8 +105,8 @@ def replay_finding(directory: Path, target: str | None = None, isolate: bool = F
     is not a finding or its target cannot be imported or built."""
     report = checked_report(directory)
     target = target or os.environ.get("SWA_TARGET", str(report["target"]))
-    if isolate and "@" not in target:
-        target += "@"
+    if isolate:
+        target = isolated_spec(target)
     device = os.environ.get("SWA_DEVICE", str(report["device"]))
     check_target_builds(resolve_target(target), device)
     print(f"finding {report['id']}: {report.get('severity', 'FATAL')} {report['invariant']} in "

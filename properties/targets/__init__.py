@@ -294,6 +294,12 @@ def check_target_builds(target: Target, device: str) -> None:
         )
 
 
+def isolated_spec(spec: str) -> str:
+    """`spec` run in a worker process: as it is when it names its Python ('@'), else under this
+    interpreter (SPEC@)."""
+    return spec if "@" in spec else f"{spec}@"
+
+
 def resolve_target(spec: str) -> Target:
     """'reference', 'sglang', 'mutant:NAME' or 'package.module:factory', optionally followed
     by '@PYTHON' (an interpreter or a virtual environment's directory; empty: this one) to run

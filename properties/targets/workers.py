@@ -56,12 +56,22 @@ def interpreter(python: str) -> str:
     return str(path)
 
 
-def worker_environment() -> dict[str, str]:
-    """This environment with the repository first on PYTHONPATH, unless the packages come from
-    an installed site-packages (which would put the harness's whole environment there)."""
+def worker_environment(python: str) -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH (unless the packages come from
+    an installed site-packages, which would put the harness's whole environment there). Under
+    this interpreter also the folders this process imports from outside its installation (a
+    test suite's folder, a script's), so that a target that resolves here resolves there."""
+    folders = [] if REPOSITORY.name in ("site-packages", "dist-packages") else [str(REPOSITORY)]
+    if python == sys.executable:
+        installed = tuple(dict.fromkeys((sys.prefix, sys.base_prefix, sys.exec_prefix)))
+        local = (os.path.abspath(entry) for entry in sys.path if entry)
+        folders += [
+            entry
+            for entry in local
+            if os.path.isdir(entry) and not entry.startswith(installed) and entry not in folders
+        ]
     env = dict(os.environ)
-    if REPOSITORY.name not in ("site-packages", "dist-packages"):
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPOSITORY), env.get("PYTHONPATH"))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (*folders, env.get("PYTHONPATH"))))
     return env
 
 
@@ -94,12 +104,18 @@ class WorkerServer:
 
     def _start(self) -> list[Any]:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        command = [self.python, "-m", "properties.targets.worker_main", str(theirs.fileno()), self.spec]
+        command = [
+            self.python,
+            "-m",
+            "properties.targets.worker_main",
+            str(theirs.fileno()),
+            self.spec,
+        ]
         try:
             self.process = subprocess.Popen(
                 command,
                 pass_fds=(theirs.fileno(),),
-                env=worker_environment(),
+                env=worker_environment(self.python),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
@@ -207,5 +223,3 @@ class WorkerServer:
                 self.spare.close()
             self.process.wait()
             self.process = None
-
-

@@ -8,12 +8,14 @@ import torch
 from allocator import SWATokenToKVPoolAllocator, TokenToKVPoolAllocator
 from allocator.errors import AllocatorError
 from canary.invariants import InvariantViolation, Name
+from canary.probes import AllocatorView
 from properties.cli import EXIT_CLEAN, EXIT_USAGE, main
 from properties.runners.check import run_check
 from properties.runners.differential import DifferentialAllocator, differential_target
 from properties.targets import (
     AllocatorConfig,
     Target,
+    TargetCapabilities,
     TargetContract,
     reference_factory,
     resolve_target,
@@ -123,3 +125,31 @@ def test_the_cli_runs_a_differential_check(capsys: pytest.CaptureFixture[str]) -
 def test_the_cli_rejects_an_unusable_against_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--against", "no_such_module_anywhere:factory", "--budget", "1"]) == EXIT_USAGE
     assert "no_such_module_anywhere" in capsys.readouterr().err
+
+
+class WithoutAvailableSize(SWATokenToKVPoolAllocator):
+    """The reference, with available_size() unimplemented (as in sglang 0.4.9.post6 – 0.5.x)."""
+
+    def available_size(self) -> int:
+        raise NotImplementedError("available_size")
+
+
+def without_available_size(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
+    return WithoutAvailableSize(config.size, config.size_swa, config.page_size, config.dtype, config.device)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_side_without_available_size_is_a_capability_only_when_declared(declared: bool) -> None:
+    """A release that lacks available_size() and says so (its capabilities) is not asked for
+    it on either side; one that lacks it and claims it differs from the reference there."""
+    capabilities = TargetCapabilities(available_size=not declared)
+    lacking = Target("lacking", without_available_size, TargetContract(), capabilities)
+    allocator = differential_target(REFERENCE, lacking).factory(AllocatorConfig(16, 8, 1))
+    allocator.alloc(4)
+    if declared:
+        with pytest.raises(NotImplementedError, match="not implemented by both of reference and lacking"):
+            allocator.available_size()
+        assert AllocatorView.of(allocator).available == 4  # min(full, swa) stands in, as for the release alone
+    else:
+        with pytest.raises(InvariantViolation, match="lacking raised NotImplementedError"):
+            allocator.available_size()

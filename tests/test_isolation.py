@@ -65,8 +65,11 @@ def test_the_proxy_reads_back_exactly_what_the_allocator_holds() -> None:
             None if r is None else r.tolist() for r in results[1:]
         ]
         same_view(isolated, local)
-    some = t(-1, 5, 9, 3)  # not every index: answered by the worker, not the read-back
-    assert isolated.translate_loc_from_full_to_swa(some).tolist() == local.translate_loc_from_full_to_swa(some).tolist()
+    for some in (t(-1, 5, 9, 3), t(7, 7).reshape(1, 2), t()):  # gathered from the read-back of every index
+        translated = isolated.translate_loc_from_full_to_swa(some)
+        assert translated.tolist() == local.translate_loc_from_full_to_swa(some).tolist()
+    with pytest.raises(RemoteError, match=r"InvalidIndexError: kv_indices holds values in \[0, 40\]"):
+        isolated.translate_loc_from_full_to_swa(t(0, 40))  # out of range: asked of the worker, which raises
     saved = isolated.backup_state(), local.backup_state()
     isolated.clear(), local.clear()
     isolated.restore_state(saved[0]), local.restore_state(saved[1])

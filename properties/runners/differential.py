@@ -22,8 +22,9 @@ import torch
 
 from allocator.interface import SWAAllocator
 from canary.invariants import INVARIANTS, InvariantViolation, Name, Violation
+from canary.probes import MappingLayout
 from properties.compare import differences, read_state
-from properties.targets import AllocatorConfig, Target
+from properties.targets import FULL_CAPABILITIES, AllocatorConfig, Target, TargetCapabilities
 
 # What the machines and probes read from an allocator without calling it; read from the first.
 INTROSPECTION = (
@@ -42,24 +43,34 @@ INTROSPECTION = (
 def differential_target(first: Target, second: Target) -> Target:
     """`first`, checked call by call against `second`, under both contracts."""
 
+    capabilities = first.capabilities.both(second.capabilities)
+
     def factory(config: AllocatorConfig) -> DifferentialAllocator:
-        return DifferentialAllocator(first.factory(config), second.factory(config), (first.name, second.name))
+        sides = first.factory(config), second.factory(config)
+        return DifferentialAllocator(*sides, (first.name, second.name), capabilities)
 
     factory.__name__ = f"{first.name}-vs-{second.name}"
-    return Target(
-        f"{first.name} vs {second.name}",
-        factory,
-        first.contract.stricter(second.contract),
-        first.capabilities.both(second.capabilities),
-    )
+    return Target(f"{first.name} vs {second.name}", factory, first.contract.stricter(second.contract), capabilities)
 
 
 class DifferentialAllocator:
     """Two allocators behind one SPEC §1 interface."""
 
-    def __init__(self, first: SWAAllocator, second: SWAAllocator, names: tuple[str, str]) -> None:
+    def __init__(
+        self,
+        first: SWAAllocator,
+        second: SWAAllocator,
+        names: tuple[str, str],
+        capabilities: TargetCapabilities = FULL_CAPABILITIES,
+    ) -> None:
         self.sides = (first, second)
         self.names = names
+        self.has_available_size = capabilities.available_size
+        """False when either side's available_size() is not implemented (an older sglang
+        release): then neither is asked, nor compared (the view stands in min(full, swa))."""
+        self.mapping_layout = MappingLayout.SENTINEL if capabilities.mapping_sentinel else MappingLayout.PADDED
+        """Padded when either side's mapping has no sentinel: the view then reads the first
+        side's token entries only, and nothing translates -1 (those releases never do)."""
         self._compare_states("construction")
         if all(hasattr(side, "backup_state") and hasattr(side, "restore_state") for side in self.sides):
             self.backup_state, self.restore_state = self._backup_state, self._restore_state
@@ -110,6 +121,8 @@ class DifferentialAllocator:
 
     # ----------------------------------------------------------- queries
     def available_size(self) -> int:
+        if not self.has_available_size:
+            raise NotImplementedError(f"available_size() is not implemented by both of {' and '.join(self.names)}")
         return self._call("available_size", changes_state=False)
 
     def full_available_size(self) -> int:
@@ -139,6 +152,8 @@ class DifferentialAllocator:
 
     def _compare_states(self, what: str) -> None:
         first, second = (read_state(side, None) for side in self.sides)
+        if not self.has_available_size:  # neither is asked (see __init__): -1 on both sides
+            first, second = (replace(state, sizes=(state.sizes[0], state.sizes[1], -1)) for state in (first, second))
         # Free units as multisets: their order decides later allocations, so an order
         # difference shows up in a later returned value.
         assert second.full_free is not None and second.swa_free is not None

@@ -184,13 +184,17 @@ class IsolatedAllocator:
         return self.read_back.sizes[2]
 
     def translate_loc_from_full_to_swa(self, kv_indices: torch.Tensor) -> torch.Tensor:
-        """From the last call's translation of every index when that is what is asked (the
-        per-step check), else from the session."""
+        """From the last call's translation of every index when the indices are CPU integers
+        in range (the per-step checks ask for every index or for the ones a step touched):
+        SPEC §1 translates index by index, so a gather from it is the allocator's answer;
+        anything else from the session."""
         translated = self.read_back.read()[3]
         first, count = self.read_back.first, translated.numel()
-        if kv_indices.numel() == count and kv_indices.device.type == "cpu":
-            if torch.equal(kv_indices, torch.arange(first, first + count)):
-                return translated
+        if kv_indices.device.type == "cpu" and not kv_indices.is_floating_point() and kv_indices.dtype != torch.bool:
+            if kv_indices.numel() == 0:
+                return translated[:0].reshape(kv_indices.shape)
+            if int(kv_indices.min()) >= first and int(kv_indices.max()) < first + count:
+                return translated[kv_indices.to(torch.int64) - first]
         _ok, result = self._exchange(
             ["query", "translate_loc_from_full_to_swa", OnDevice(kv_indices)], "translate_loc_from_full_to_swa(...)"
         )

@@ -226,6 +226,9 @@ def main(argv: list[str]) -> int:
     except Exception as error:  # reported to the harness, which exits 2: an unusable target
         control.sendall(encode(["error", f"{type(error).__name__}: {error}"]))
         return 2
+    # One intra-op thread, as in the harness (properties.settings.prepare_process): on these small
+    # tensors more threads only contend, and their spinning costs every call.
+    torch.set_num_threads(1)
     warm_up()
     gc.freeze()  # the sessions' garbage collector leaves what is here alone: fewer pages copied
     restrictions, missing = target.contract.restrictions(), target.capabilities.missing()

@@ -2,6 +2,7 @@
 
 The probe tests drive them through a few ordinary calls and check that the probe meant to
 catch the bug fires (and which others fire with it). Each docstring says what goes wrong.
+Bugs the mutant catalogue (properties/targets/mutants.py) already has are taken from there.
 """
 
 from __future__ import annotations
@@ -9,14 +10,6 @@ from __future__ import annotations
 import torch
 
 from allocator import SWATokenToKVPoolAllocator
-
-
-class ClobbersSentinelOnClear(SWATokenToKVPoolAllocator):
-    """clear() zeroes the whole mapping and forgets to put the sentinel back."""
-
-    def clear(self) -> None:
-        super().clear()
-        self.full_to_swa_index_mapping.zero_()
 
 
 class PadPageInFullFreeList(SWATokenToKVPoolAllocator):
@@ -69,13 +62,6 @@ class LeaksSwaOnFreeSwa(SWATokenToKVPoolAllocator):
         if self.page_size > 1:
             tokens = self._tokens_of_units(torch.unique(free_index // self.page_size))
         self.full_to_swa_index_mapping[tokens] = 0
-
-
-class MaxAvailable(SWATokenToKVPoolAllocator):
-    """available_size() returns the larger pool's free space instead of the smaller's."""
-
-    def available_size(self) -> int:
-        return max(self.full_available_size(), self.swa_available_size())
 
 
 class FreeSkipsSwaPeers(SWATokenToKVPoolAllocator):

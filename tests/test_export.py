@@ -25,6 +25,7 @@ from properties.runners.export import (
     write_finding_directory,
 )
 from properties.targets import AllocatorConfig, Target, reference_factory
+from properties.targets.mutants import RestoreSkipsMapping
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,16 +62,7 @@ def finding(invariant: str, config: dict, calls: list[dict]) -> Finding:
     )
 
 
-class RestoreKeepsMapping(SWATokenToKVPoolAllocator):
-    """restore_state restores both pools but leaves the mapping as it is."""
-
-    def restore_state(self, state) -> None:
-        mapping = self.full_to_swa_index_mapping.clone()
-        super().restore_state(state)
-        self.full_to_swa_index_mapping.copy_(mapping)
-
-
-restore_keeps_mapping = build(RestoreKeepsMapping)
+restore_keeps_mapping = build(RestoreSkipsMapping)
 
 SLOTS = {"size": 6, "size_swa": 4, "page_size": 1, "need_sort": False}
 ALLOC_THEN_FREE = [{"call": "alloc", "args": [2]}, {"call": "free", "args": [[1, 2]]}]

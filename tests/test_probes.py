@@ -23,6 +23,7 @@ from allocator import SWATokenToKVPoolAllocator
 from canary.invariants import INVARIANTS, InvariantViolation, Name, Severity, Violation
 from canary.probes import AllocatorView, ProbeInputError, ProbeResults, run_probes
 from canary.probes.plan import CHECK_DETAILS
+from properties.targets import mutants
 
 MODEL_FREE = (Name.SENTINEL, Name.PAD, Name.NODUP, Name.CONSERVE, Name.SWA_LE_FULL, Name.AVAIL, Name.STALE, Name.PAGE)
 
@@ -111,7 +112,7 @@ def extend_mid_page(allocator: SWATokenToKVPoolAllocator) -> None:
 
 
 BUGS = {
-    Name.SENTINEL: Bug(broken.ClobbersSentinelOnClear, 1, clear_after_use, {Name.SENTINEL: [65]}),
+    Name.SENTINEL: Bug(mutants.ClearDropsSentinel, 1, clear_after_use, {Name.SENTINEL: [65]}),
     Name.PAD: Bug(broken.PadPageInFullFreeList, 1, clear_then_allocate, {Name.PAD: [0]}),
     Name.NODUP: Bug(broken.DoubleAppendsFullFrees, 1, free_after_evicting_another, {Name.NODUP: [9, 10, 11, 12]}),
     Name.CONSERVE: Bug(broken.StagedUnitsUncounted, 1, allocate_and_free, {Name.CONSERVE: [4]}, need_sort=True),
@@ -119,7 +120,7 @@ BUGS = {
         broken.KeepsMappingOnFreeSwa, 1, evict_two_of_six, {Name.SWA_LE_FULL: [1, 2], Name.CONSERVE: [2]}
     ),
     "SWA_LE_FULL (orphan)": Bug(broken.LeaksSwaOnFreeSwa, 4, evict_first_page, {Name.SWA_LE_FULL: [1]}),
-    Name.AVAIL: Bug(broken.MaxAvailable, 1, allocate_and_free, {Name.AVAIL: [64]}),
+    Name.AVAIL: Bug(mutants.AvailableUsesMax, 1, allocate_and_free, {Name.AVAIL: [64]}),
     Name.STALE: Bug(broken.FreeSkipsSwaPeers, 1, free_after_evicting_another, {Name.STALE: [9, 10, 11, 12]}),
     Name.PAGE: Bug(broken.FreshSwaPagesOnExtend, 4, extend_mid_page, {Name.PAGE: [10]}),
 }

@@ -1,7 +1,7 @@
 """Campaigns end to end: real worker processes, signals, a shared database, exported findings.
 
-The broken target is tests/broken.py's KeepsMappingOnFreeSwa (free leaves the mapping
-pointing at released SWA slots): SlotMachine finds it within a second or two. Campaigns run
+The broken target is the fixture KeepsMappingOnFreeSwa of properties/targets/mutants/fixtures.py
+(free leaves the mapping pointing at released SWA slots): SlotMachine finds it within a second or two. Campaigns run
 either as `swa-canary fuzz` subprocesses (signals, exit codes) or in this process with a
 display that records every line. The Redis tests start their own redis-server on a free
 loopback port and skip when it is not installed.
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import broken
 import pytest
 from hypothesis.database import DirectoryBasedExampleDatabase
 
@@ -35,6 +34,7 @@ from properties.campaign.database import DatabaseSpec, ResilientRedisDatabase
 from properties.campaign.progress import ProgressDisplay
 from properties.runners.export import REPORT_NAME, exported_findings, load_report
 from properties.targets import AllocatorConfig
+from properties.targets.mutants import fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
@@ -44,7 +44,7 @@ SEGFAULTS = "tests.isolation_targets:segfaults_on_second_alloc"
 
 
 def keeps_mapping_on_free(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
-    return broken.KeepsMappingOnFreeSwa(
+    return fixtures.KeepsMappingOnFreeSwa(
         config.size, config.size_swa, config.page_size, config.dtype, config.device,
         need_sort=config.need_sort, checked=True,
     )

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import broken
 import pytest
 
 from allocator import SWATokenToKVPoolAllocator
@@ -25,7 +24,7 @@ from properties.runners.export import (
     write_finding_directory,
 )
 from properties.targets import AllocatorConfig, Target, reference_factory
-from properties.targets.mutants import RestoreSkipsMapping
+from properties.targets.mutants import RestoreSkipsMapping, fixtures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,14 +36,6 @@ def build(kind: type[SWATokenToKVPoolAllocator]):
         )
 
     return factory
-
-
-class GroupEndWithoutBeginIsSilent(SWATokenToKVPoolAllocator):
-    """free_group_end with no group open returns quietly instead of raising (sglang's behaviour)."""
-
-    def free_group_end(self) -> None:
-        if self.in_free_group:
-            super().free_group_end()
 
 
 def finding(invariant: str, config: dict, calls: list[dict]) -> Finding:
@@ -98,7 +89,7 @@ def test_calls_render_tensors_on_the_device_and_lengths_on_cpu() -> None:
 
 
 def test_export_fails_on_the_broken_allocator_and_passes_on_the_reference(tmp_path: Path) -> None:
-    target = Target("broken:KeepsMappingOnFreeSwa", build(broken.KeepsMappingOnFreeSwa))
+    target = Target("broken:KeepsMappingOnFreeSwa", build(fixtures.KeepsMappingOnFreeSwa))
     exported = export_finding(
         tmp_path, finding(Name.STALE, SLOTS, ALLOC_THEN_FREE), target, "cpu", "search", worker_seed=3
     )
@@ -113,7 +104,7 @@ def test_export_fails_on_the_broken_allocator_and_passes_on_the_reference(tmp_pa
 
 def test_a_call_the_reference_rejects_must_raise_on_the_target(tmp_path: Path) -> None:
     calls = [{"call": "alloc", "args": [1]}, {"call": "free_group_end", "args": []}, {"call": "free", "args": [[1]]}]
-    target = Target("silent-end", build(GroupEndWithoutBeginIsSilent))
+    target = Target("silent-end", build(fixtures.GroupEndWithoutBeginIsSilent))
     exported = export_finding(tmp_path, finding(Name.CONTRACT, SLOTS, calls), target, "cpu", "search")
     source = (exported.path / exported.report["test"]).read_text()
     assert "with pytest.raises(Exception):\n        allocator.free_group_end()" in source

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Callable
 
-import broken
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +23,7 @@ from canary.invariants import INVARIANTS, InvariantViolation, Name, Severity, Vi
 from canary.probes import AllocatorView, ProbeInputError, ProbeResults, run_probes
 from canary.probes.plan import CHECK_DETAILS
 from properties.targets import mutants
+from properties.targets.mutants import fixtures
 
 MODEL_FREE = (Name.SENTINEL, Name.PAD, Name.NODUP, Name.CONSERVE, Name.SWA_LE_FULL, Name.AVAIL, Name.STALE, Name.PAGE)
 
@@ -113,16 +113,16 @@ def extend_mid_page(allocator: SWATokenToKVPoolAllocator) -> None:
 
 BUGS = {
     Name.SENTINEL: Bug(mutants.ClearDropsSentinel, 1, clear_after_use, {Name.SENTINEL: [65]}),
-    Name.PAD: Bug(broken.PadPageInFullFreeList, 1, clear_then_allocate, {Name.PAD: [0]}),
-    Name.NODUP: Bug(broken.DoubleAppendsFullFrees, 1, free_after_evicting_another, {Name.NODUP: [9, 10, 11, 12]}),
-    Name.CONSERVE: Bug(broken.StagedUnitsUncounted, 1, allocate_and_free, {Name.CONSERVE: [4]}, need_sort=True),
+    Name.PAD: Bug(fixtures.PadPageInFullFreeList, 1, clear_then_allocate, {Name.PAD: [0]}),
+    Name.NODUP: Bug(fixtures.DoubleAppendsFullFrees, 1, free_after_evicting_another, {Name.NODUP: [9, 10, 11, 12]}),
+    Name.CONSERVE: Bug(fixtures.StagedUnitsUncounted, 1, allocate_and_free, {Name.CONSERVE: [4]}, need_sort=True),
     "SWA_LE_FULL (peer freed)": Bug(
-        broken.KeepsMappingOnFreeSwa, 1, evict_two_of_six, {Name.SWA_LE_FULL: [1, 2], Name.CONSERVE: [2]}
+        fixtures.KeepsMappingOnFreeSwa, 1, evict_two_of_six, {Name.SWA_LE_FULL: [1, 2], Name.CONSERVE: [2]}
     ),
-    "SWA_LE_FULL (orphan)": Bug(broken.LeaksSwaOnFreeSwa, 4, evict_first_page, {Name.SWA_LE_FULL: [1]}),
+    "SWA_LE_FULL (orphan)": Bug(fixtures.LeaksSwaOnFreeSwa, 4, evict_first_page, {Name.SWA_LE_FULL: [1]}),
     Name.AVAIL: Bug(mutants.AvailableUsesMax, 1, allocate_and_free, {Name.AVAIL: [64]}),
-    Name.STALE: Bug(broken.FreeSkipsSwaPeers, 1, free_after_evicting_another, {Name.STALE: [9, 10, 11, 12]}),
-    Name.PAGE: Bug(broken.FreshSwaPagesOnExtend, 4, extend_mid_page, {Name.PAGE: [10]}),
+    Name.STALE: Bug(fixtures.FreeSkipsSwaPeers, 1, free_after_evicting_another, {Name.STALE: [9, 10, 11, 12]}),
+    Name.PAGE: Bug(fixtures.FreshSwaPagesOnExtend, 4, extend_mid_page, {Name.PAGE: [10]}),
 }
 
 
@@ -153,7 +153,7 @@ def test_every_model_free_probe_has_a_broken_allocator() -> None:
 
 def test_orphan_check_waits_for_the_end_of_a_free_group(swa_device: torch.device) -> None:
     reference = SWATokenToKVPoolAllocator(64, 32, 1, torch.float16, swa_device)
-    leaky = broken.LeaksSwaOnFreeSwa(64, 32, 1, torch.float16, swa_device)
+    leaky = fixtures.LeaksSwaOnFreeSwa(64, 32, 1, torch.float16, swa_device)
     for allocator in (reference, leaky):
         tokens = as_tensor(allocate(allocator, 6), swa_device)
         allocator.free_group_begin()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import logging
 
-import broken
 import pytest
 import torch
 
@@ -20,6 +19,7 @@ from canary.simulate import (
     Simulator,
 )
 from properties.cli import main
+from properties.targets.mutants import fixtures
 
 SMALL = dict(
     size=4096, size_swa=2048, window=64, max_running=12, prefill_budget=256, prompt_tokens=(8, 200),
@@ -61,7 +61,7 @@ def test_each_injected_fault_is_reported(invariant: str, page_size: int) -> None
 
 
 def test_a_broken_allocator_is_caught_without_injection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(simulate_module, "SWATokenToKVPoolAllocator", broken.LeaksSwaOnFreeSwa)
+    monkeypatch.setattr(simulate_module, "SWATokenToKVPoolAllocator", fixtures.LeaksSwaOnFreeSwa)
     report = run(steps=200, seed=3).report
     assert not report.passed
     assert {record.invariant for record in report.records} == {Name.SWA_LE_FULL}

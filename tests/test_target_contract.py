@@ -30,6 +30,7 @@ from properties.targets import (
     reference_factory,
     with_contract_changes,
 )
+from properties.targets.mutants import fixtures
 
 
 class RefusedCall(AssertionError):
@@ -128,7 +129,7 @@ class RefusesBackup(Refusing):
         raise RefusedCall("backup_state")
 
 
-class SilentUnmatchedGroupEnd(Refusing):
+class SilentUnmatchedGroupEnd(Refusing, fixtures.GroupEndWithoutBeginIsSilent):
     """free_group_end with no group open returns quietly instead of raising."""
 
     restriction = "free_group_calls_paired"
@@ -136,9 +137,8 @@ class SilentUnmatchedGroupEnd(Refusing):
     reported_as = Name.CONTRACT
 
     def free_group_end(self) -> None:
-        if not self.in_free_group:
-            return
-        self.count_nearby()
+        if self.in_free_group:
+            self.count_nearby()
         super().free_group_end()
 
 

@@ -6,7 +6,7 @@ target does not promise to handle and that its serving engine never makes; the m
 exactly those out, so every violation they report is one an engine can reach. The reference
 allocator takes the whole SPEC (no restriction).
 
-Built in: 'reference', 'sglang', 'mutant:NAME' (properties/targets/mutants.py). Any other
+Built in: 'reference', 'sglang', 'mutant:NAME' (properties/targets/mutants/). Any other
 `package.module:factory` is a target too; its contract is the factory's `contract` attribute
 if it has one, else the whole SPEC. Any of them followed by '@PYTHON' runs in a worker process
 under that interpreter (properties/targets/isolated.py); '@' alone: under this one.

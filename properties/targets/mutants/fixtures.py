@@ -1,15 +1,18 @@
-"""Deliberately broken SWA allocators: each is the reference allocator with one realistic bug.
+"""Fixtures: one-bug allocators for the unit tests of one probe, one runner or one contract rule.
 
-The probe tests drive them through a few ordinary calls and check that the probe meant to
-catch the bug fires (and which others fire with it). Each docstring says what goes wrong.
-Bugs the mutant catalogue (properties/targets/mutants.py) already has are taken from there.
+Each is the reference allocator with one bug, small enough that a handful of ordinary calls
+shows it, and its docstring says what goes wrong. They are not selfcheck mutants (`MUTANTS`):
+they are not drawn from a report, and some (`GroupEndWithoutBeginIsSilent`) are sglang's own
+behaviour that a contract restriction allows. Bugs the catalogue already has are taken from it.
 """
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 
-from allocator import SWATokenToKVPoolAllocator
+from allocator import PagedTokenToKVPoolAllocator, SWATokenToKVPoolAllocator
 
 
 class PadPageInFullFreeList(SWATokenToKVPoolAllocator):
@@ -24,7 +27,7 @@ class PadPageInFullFreeList(SWATokenToKVPoolAllocator):
 class DoubleAppendsFullFrees(SWATokenToKVPoolAllocator):
     """The full pool appends every freed unit to its free list twice."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         pool = self.full_attn_allocator
         release_once = pool.return_units
@@ -33,7 +36,7 @@ class DoubleAppendsFullFrees(SWATokenToKVPoolAllocator):
             release_once(units)
             release_once(units)
 
-        pool.return_units = release_twice
+        pool.return_units = release_twice  # type: ignore[method-assign]  # this instance only
 
 
 class StagedUnitsUncounted(SWATokenToKVPoolAllocator):
@@ -84,12 +87,38 @@ class FreshSwaPagesOnExtend(SWATokenToKVPoolAllocator):
         last_loc: torch.Tensor,
         extend_num_tokens: int,
     ) -> torch.Tensor | None:
-        full = self.full_attn_allocator.alloc_extend(
+        full_pool = cast(PagedTokenToKVPoolAllocator, self.full_attn_allocator)
+        full = full_pool.alloc_extend(
             prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, last_loc, extend_num_tokens
         )
         if full is None:
             return None
         pages = -(-extend_num_tokens // self.page_size)
-        swa = self.swa_attn_allocator.alloc(pages * self.page_size)
+        swa = cast(PagedTokenToKVPoolAllocator, self.swa_attn_allocator).alloc(pages * self.page_size)
+        if swa is None:
+            return None
         self.full_to_swa_index_mapping[full] = swa[:extend_num_tokens]
         return full
+
+
+class GroupEndWithoutBeginIsSilent(SWATokenToKVPoolAllocator):
+    """free_group_end with no group open returns quietly instead of raising (sglang's behaviour)."""
+
+    def free_group_end(self) -> None:
+        if self.in_free_group:
+            super().free_group_end()
+
+
+FIXTURES: dict[str, type[SWATokenToKVPoolAllocator]] = {
+    fixture.__name__: fixture
+    for fixture in (
+        PadPageInFullFreeList,
+        DoubleAppendsFullFrees,
+        StagedUnitsUncounted,
+        KeepsMappingOnFreeSwa,
+        LeaksSwaOnFreeSwa,
+        FreeSkipsSwaPeers,
+        FreshSwaPagesOnExtend,
+        GroupEndWithoutBeginIsSilent,
+    )
+}

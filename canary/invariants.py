@@ -30,6 +30,7 @@ class Name(str, enum.Enum):
     PAGE = "PAGE"
     XLAT = "XLAT"
     LEAK = "LEAK"
+    CAPACITY = "CAPACITY"
     CONTRACT = "CONTRACT"
     DIFFERENTIAL = "DIFFERENTIAL"
     CRASH = "CRASH"
@@ -47,7 +48,8 @@ class Severity(enum.Enum):
     """Data corruption, or a serving process lost: a KV slot may be read or written by the
     wrong request, or the scheduler stops."""
     GUARD = "GUARD"
-    """Latent: harmless now, corruption after a later legal call."""
+    """Not corruption: latent (harmless now, corruption after a later legal call), or a
+    refused service (CAPACITY)."""
 
 
 class Checker(enum.Enum):
@@ -118,6 +120,14 @@ INVARIANTS: dict[Name, Invariant] = registry(
         Invariant(Name.XLAT, Severity.GUARD, "translate(x) == mapping[x]", _MODEL),
         Invariant(
             Name.LEAK, Severity.GUARD, "a token before the window (past the page margin) holds no SWA slot", _MODEL
+        ),
+        Invariant(
+            Name.CAPACITY,
+            Severity.GUARD,
+            "an allocation both pools can serve returns slots, not None. A denial of service, not "
+            "corruption: the caller sees the None and retracts or aborts requests, and no slot is "
+            "read or written by the wrong request; so GUARD, reported after every FATAL finding",
+            _MODEL,
         ),
         Invariant(
             Name.CONTRACT,

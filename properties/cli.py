@@ -151,7 +151,10 @@ def command_check(args: argparse.Namespace) -> int:
     on_terminal = sys.stderr.isatty()
     prepare_process()
     with measured(allocator_source_files(target)) if args.coverage else contextlib.nullcontext() as coverage:
-        report = run_check(target, args.device, args.budget, args.seed, progress=print_progress(interval=args.interval))
+        report = run_check(
+            target, args.device, args.budget, args.seed, args.machine, print_progress(interval=args.interval),
+            every_finding=not args.first,
+        )
     if on_terminal:
         sys.stderr.write("\n")
     else:
@@ -162,8 +165,13 @@ def command_check(args: argparse.Namespace) -> int:
     if json_path is not None:
         write_json(json_path, report.to_json())
     stopped = f"interrupted after {report.seconds:.1f}s" if report.interrupted else f"in {report.seconds:.1f}s"
-    if report.finding is not None:
-        print(report.finding.explain())
+    if report.findings:
+        for number, finding in enumerate(report.findings, 1):
+            print(f"Finding {number} of {len(report.findings)}: {finding.explain()}\n")
+        print(
+            f"{len(report.findings)} distinct finding(s): {report.programs} programs, {report.steps} steps against "
+            f"{report.target} on {report.device} {stopped} (seed {report.seed})"
+        )
         return EXIT_FOUND
     print(
         f"{'interrupted, ' if report.interrupted else ''}no violation: {report.programs} programs, "
@@ -311,6 +319,14 @@ def add_check_parser(commands: Any) -> None:
         "--coverage",
         action="store_true",
         help="measure line and branch coverage of the target's own allocator source and list what never ran",
+    )
+    check.add_argument("--machine", action="append", choices=MACHINE_NAMES, metavar="MACHINE", default=None,
+                       help="run only this state machine (repeatable; default all; one of: %(choices)s)")
+    check.add_argument(
+        "--first",
+        action="store_true",
+        help="stop at the first finding (default: mask each finding and go on until the budget is spent, "
+        "reporting every distinct one)",
     )
     check.set_defaults(handler=command_check)
 

@@ -4,7 +4,9 @@ A worker alternates two kinds of run. A database pass (at start, then every
 `reuse_seconds`) replays the stored failures of each machine, so known failures come back
 first and failures other workers or campaigns stored reach this one. Search passes run each
 machine with a fresh seed for a short `examples_per_run`, with shrinking, and store what fails.
-A failure is exported (properties/export.py) before the coordinator hears of it.
+A failure is exported (properties/runners/export.py) before the coordinator hears of it. A
+search pass masks the findings this worker already reported (properties/machines/masking.py),
+so it looks past them for other bugs; a database pass masks nothing.
 
 Before each run the worker writes (machine, seed, pass) into shared memory: if the process
 dies, the coordinator knows which run killed it. It ignores SIGINT: the coordinator stops it
@@ -35,9 +37,11 @@ from hypothesis.statistics import collector
 from properties.campaign.database import DatabaseSpec
 from properties.campaign.database import health as database_health
 from properties.machines import AllocatorMachine, machine_classes
+from properties.machines.masking import FindingKey, FindingMask
 from properties.machines.reach import count_events
-from properties.runners.check import Stats, bind_stats, finding_from
+from properties.runners.check import Stats, bind, run_finding
 from properties.runners.export import export_finding
+from properties.runners.snippet import snippet_of
 from properties.settings import PROFILES, prepare_process
 from properties.targets import resolve_target
 
@@ -81,12 +85,14 @@ def run_machine(
     run_seed: int,
     run: settings,
     on_statistics: Callable[[dict], None] = lambda _: None,
+    mask: FindingMask | None = None,
 ) -> BaseException | None:
-    """One Hypothesis run of a machine; the (shrunk) failure, or None."""
+    """One Hypothesis run of a machine, with `mask`'s findings masked; the (shrunk) failure,
+    or None."""
     stats.last_program = None
     try:
         with collector.with_value(on_statistics):  # type: ignore[arg-type]  # Hypothesis types the hook's default, None
-            run_state_machine_as_test(hypothesis_seed(run_seed)(bind_stats(machine, stats)), settings=run)
+            run_state_machine_as_test(hypothesis_seed(run_seed)(bind(machine, stats, mask)), settings=run)
     except unittest.SkipTest:  # a database pass with nothing stored for this machine
         return None
     except Exception as error:  # any failure of the target is a finding, not a worker crash
@@ -192,6 +198,9 @@ def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> 
     reporter = Reporter(conn, stats, events, plan.report_seconds, lambda: database_health(database))
     started = time.monotonic()
     last_database_pass = None
+    found: set[FindingKey] = set()
+    """Keys this worker has reported: its search passes mask them (its database passes do not,
+    so that stored failures replay and stay stored)."""
     while not (stop.is_set() or reporter.orphaned):
         which = SEARCH
         if last_database_pass is None or time.monotonic() - last_database_pass >= plan.reuse_seconds:
@@ -202,12 +211,16 @@ def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> 
             run_seed = rng.randrange(2**32)
             current[:] = [index, run_seed, which]
             run = run_settings(database, plan.examples_per_run, which)
-            finished, error = interruptible.run(classes[name], stats, run_seed, run, lambda s: count_events(s, events))
+            mask = FindingMask(frozenset(found) if which == SEARCH else frozenset())
+            finished, error = interruptible.run(
+                classes[name], stats, run_seed, run, lambda s: count_events(s, events), mask
+            )
             if not finished:
                 break
             if error is not None:
-                finding = finding_from(name, error, run_seed, time.monotonic() - started)
-                finding.calls = stats.last_program
+                finding = run_finding(name, error, run_seed, started, mask, stats)
+                finding.snippet = snippet_of(finding, target, plan.device)
+                found.update(finding.keys)
                 reporter.send(report_finding(plan, finding, target, PASS_NAMES[which]))
     reporter.close()
 

@@ -36,8 +36,9 @@ from canary.invariants import InvariantViolation
 from properties.machines import reach
 from properties.machines.driver import AllocatorDriver
 from properties.machines.incremental import StepCheck
+from properties.machines.masking import FindingMask
 from properties.machines.model import Request, SWAModel
-from properties.machines.step_checks import Expectation
+from properties.machines.step_checks import Expectation, observe, state_differences
 from properties.targets import (
     FULL_CAPABILITIES,
     SPEC_CONTRACT,
@@ -90,6 +91,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     """The calls this target can take at all; rules leave out the others, whatever the contract."""
     device: str = "cpu"
     stats = None  # a properties.runners.check.Stats shared by one check's machines, or None
+    finding_mask: FindingMask | None = None
+    """Findings the run already reported (properties/machines/masking.py): they fail no step."""
     backups = Bundle("backups")
 
     def __init__(self) -> None:
@@ -102,13 +105,15 @@ class AllocatorMachine(RuleBasedStateMachine):
         need_sort = need_sort and self.capabilities.need_sort
         self.model = SWAModel(size, size_swa, page_size, need_sort)
         calls: list[dict] = []
+        record = {"config": self.model.config(), "calls": calls}
+        self.mask = (self.finding_mask or FindingMask()).program(record)
         if self.stats is not None:
             # Recorded before the factory runs: a target that fails to construct still leaves
             # this program's config, not the previous program's.
             self.stats.programs += 1
-            self.stats.last_program = {"config": self.model.config(), "calls": calls}
+            self.stats.last_program = record
         self.allocator = self.factory(AllocatorConfig(size, size_swa, page_size, self.device, need_sort))
-        self.driver = AllocatorDriver(self.allocator, self.device, calls)
+        self.driver = AllocatorDriver(self.allocator, self.device, calls, mask=self.mask)
         self.handles: dict[int, Any] = {}
         """Live holdings (SlotMachine) or requests (RequestMachine), by handle."""
         self.next_handle = 0
@@ -213,7 +218,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @invariant()
     def allocator_matches_model(self) -> None:
-        if self.allocator is None:
+        if self.allocator is None or self.mask.halted:
             return
         self.failed = True  # until the step passes: a check that raises ends the program too
         violations = self.step_check.after_step(
@@ -222,20 +227,27 @@ class AllocatorMachine(RuleBasedStateMachine):
         if self.stats is not None:
             self.stats.steps += 1
             self.stats.calls[self.expectation.call] += 1
+        call = self.expectation.call
+        violations = self.mask.unmasked(call, violations, self.out_of_step)
         self.result, self.expectation = None, Expectation("(no call)")
         if violations:
-            raise InvariantViolation(violations)
+            raise self.mask.failed(violations, call)
         self.failed = False
+
+    def out_of_step(self) -> bool:
+        """Whether the allocator's state is no longer the model's (after a masked step)."""
+        return bool(state_differences(observe(self.allocator, None), self.model))
 
     def teardown(self) -> None:
         """The whole final state against the model, and the model-free probes on it
         (properties/machines/incremental.py); skipped after a step failed or a rule raised
         (calls the last check did not see)."""
-        if self.allocator is None or self.failed or self.step_check.logged != len(self.driver.log):
+        if self.allocator is None or self.failed or self.mask.halted or self.step_check.logged != len(self.driver.log):
             return
         violations = self.step_check.at_end(self.model, self.live_tokens, self.live_requests, self.window)
+        violations = self.mask.unmasked("(end)", violations, lambda: False)
         if violations:
-            raise InvariantViolation(violations)
+            raise self.mask.failed(violations, "(end)")
 
     # ------------------------------------------------------ shared rules
     @precondition(lambda self: self.allows("free_group") and not self.model.in_group)

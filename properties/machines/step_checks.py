@@ -114,9 +114,15 @@ def check_step(
     requests: Iterable[Request] = (),
     window: int | None = None,
 ) -> list[Violation]:
-    """Every violation the step shows, most severe first."""
+    """Every violation the step shows, most severe first. An allocation the model served and
+    the allocator refused is CAPACITY; the model then holds slots the allocator never handed
+    out, so only the model-free probes and the refusal's own checks (ATOMIC) run with it."""
     found = list(observed.probe_violations)
     found += _check_result(observed, previous, expectation, model.page_size)
+    if refused(observed, expectation):
+        refused_slots = expectation.result or []
+        found.append(violation(Name.CAPACITY, refused_slots, f"slots {expectation.call} refused (returned None) though both pools could serve them"))
+        return sorted(found, key=lambda v: v.severity is not Severity.FATAL)
     found += _check_pools(observed, model)
     found += _check_mapping(observed, model, live_tokens)
     if window is not None:
@@ -125,6 +131,11 @@ def check_step(
     if not found:
         found += _check_contract(observed, model, expectation)
     return sorted(found, key=lambda v: v.severity is not Severity.FATAL)
+
+
+def refused(observed: Observed, expectation: Expectation) -> bool:
+    """An allocation that returned None where the model served it."""
+    return expectation.is_allocation and observed.result is None and expectation.result is not None
 
 
 def _check_result(
@@ -217,16 +228,23 @@ def _check_translation(observed: Observed) -> list[Violation]:
 
 def _check_contract(observed: Observed, model: SWAModel, expectation: Expectation) -> list[Violation]:
     found = [expectation.breach] if expectation.breach else []
-    expected = _expected_state(model, expectation)
+    expected = _expected_state(model, expectation.result)
     found += differences(observed.as_allocator_state(), expected, ("the allocator", "the model"))
     if found:
         return [violation(Name.CONTRACT, [], f"after {expectation.call}: " + "; ".join(found))]
     return []
 
 
-def _expected_state(model: SWAModel, expectation: Expectation) -> AllocatorState:
+def state_differences(observed: Observed, model: SWAModel) -> list[str]:
+    """Where the allocator's state (sizes, mapping, free lists, free-group flag) is not the
+    model's, whatever the call returned; empty when they agree."""
+    expected = _expected_state(model, observed.result)
+    return differences(observed.as_allocator_state(), expected, ("the allocator", "the model"))
+
+
+def _expected_state(model: SWAModel, result: list[int] | None) -> AllocatorState:
     return AllocatorState(
-        result=expectation.result,
+        result=result,
         sizes=(model.full.available(), model.swa.available(), model.available()),
         mapping=model.dense_mapping(),
         full_free=FreeList(model.full.free, model.full.staged),

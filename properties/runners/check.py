@@ -1,8 +1,11 @@
 """`swa-canary check`: run every machine against a target until a time budget is spent.
 
 The machines run in rounds of short Hypothesis runs, each with a fresh seed drawn from one
-master seed, so `--seed` repeats a whole check. The first violation is shrunk by Hypothesis
-and reported with its invariant, severity and minimal program; the check stops there.
+master seed, so `--seed` repeats a whole check. A violation is shrunk by Hypothesis and
+reported with its invariant, severity, time to detect, minimal program and that program as
+plain allocator calls. By default the check stops there; with `every_finding` it masks the
+finding (properties/machines/masking.py says what "the same finding" is) and goes on until
+the budget is spent, reporting every distinct finding, FATAL first.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from canary.invariants import INVARIANTS, InvariantViolation, Name, Severity
 from properties.machines import AllocatorMachine, machine_classes
+from properties.machines.masking import FindingKey, FindingMask, detail_shape, error_keys
+from properties.runners.snippet import snippet_of
 from properties.settings import PROFILES
 from properties.targets import Factory, Target, as_target
 from properties.targets.isolated import TargetHung
@@ -57,16 +62,40 @@ class Finding:
     program_steps: int
     seed: int
     seconds: float
+    """Time to detect: from the start of the check to the first failing step of its run,
+    before shrinking (to the report, where the run saw no failing step)."""
     calls: dict | None = None
     """The minimal program as allocator calls: {"config": ..., "calls": [{"call", "args"}...]}."""
     invariants: list[Name] = field(default_factory=list)
     """Every invariant the reported step broke, most severe first (["CRASH"] for a crash)."""
+    call: str = ""
+    """The allocator call of the step that broke it."""
+    keys: list[FindingKey] = field(default_factory=list)
+    """Its identity: the key of every violation of that step, the reported one first
+    (properties/machines/masking.py)."""
+    follows: list[FindingKey] = field(default_factory=list)
+    """Masked findings its minimal program goes past before it breaks (empty: it stands alone)."""
+    reported_seconds: float = 0.0
+    """From the start of the check to the shrunk report."""
+    snippet: str = ""
+    """The minimal program as a standalone allocator-call snippet (properties/runners/snippet.py)."""
+
+    @property
+    def key(self) -> FindingKey:
+        """The reported violation's identity."""
+        return self.keys[0] if self.keys else (self.invariant, self.call, detail_shape(self.detail))
 
     def explain(self) -> str:
-        return (
-            f"{self.severity} {self.invariant} in {self.machine} after {self.seconds:.1f}s (seed {self.seed}):\n"
-            f"  {self.detail}\nMinimal program ({self.program_steps} steps):\n{self.program}"
+        text = (
+            f"{self.severity} {self.invariant} in {self.machine} at {self.call or 'a step'}, detected after "
+            f"{self.seconds:.1f}s (seed {self.seed}):\n  {self.detail}\n"
         )
+        if self.follows:
+            text += "  after going past: " + "; ".join(f"{invariant} at {call}" for invariant, call, _ in self.follows) + "\n"
+        text += f"Minimal program ({self.program_steps} steps):\n{self.program}"
+        if self.snippet:
+            text += f"\nAs allocator calls:\n{self.snippet}"
+        return text
 
 
 @dataclass
@@ -82,14 +111,27 @@ class CheckReport:
     programs: int = 0
     steps: int = 0
     runs: int = 0
-    finding: Finding | None = None
+    findings: list[Finding] = field(default_factory=list)
+    """Every distinct finding, most severe first, then in the order found."""
     coverage: dict | None = None
     """With --coverage: properties.runners.coverage.CoverageReport, as a dict."""
     interrupted: bool = False
     """Stopped by Ctrl-C (SIGINT) before the budget was spent."""
 
+    @property
+    def finding(self) -> Finding | None:
+        """The first of `findings` (the worst), or None."""
+        return self.findings[0] if self.findings else None
+
+    def add(self, finding: Finding) -> None:
+        self.findings.append(finding)
+        self.findings.sort(key=lambda found: found.severity != Severity.FATAL.value)
+
     def to_json(self) -> dict:
-        return asdict(self)
+        """Every field; `finding` (the worst one, as before `findings` existed) and `findings`."""
+        report = asdict(self)
+        report["finding"] = report["findings"][0] if self.findings else None
+        return report
 
 
 def program_of(error: BaseException) -> str:
@@ -107,6 +149,14 @@ def rule_steps(program: str) -> int:
     """Rules in a printed program: not the constructor, the per-step check or the teardown."""
     skipped = ("state = ", "state.allocator_matches_model()", "state.teardown()", "state.setup(")
     return sum(1 for line in program.splitlines() if "state." in line and not line.strip().startswith(skipped))
+
+
+def failures_of(error: BaseException) -> list[BaseException]:
+    """Each distinct failure Hypothesis reported (the leaves of an exception group)."""
+    parts = getattr(error, "exceptions", None)
+    if not parts:
+        return [error]
+    return [failure for part in parts for failure in failures_of(part)]
 
 
 def most_telling(error: BaseException) -> BaseException:
@@ -135,11 +185,61 @@ def finding_from(machine: str, error: BaseException, run_seed: int, seconds: flo
         severity = INVARIANTS[invariant].severity.value
         detail = f"{type(error).__name__}: {error}"
         fired = [invariant]
-    return Finding(machine, invariant, severity, detail, program, steps, run_seed, seconds, invariants=fired)
+    call = getattr(error, "allocator_call", "(outside a call)")
+    return Finding(
+        machine, invariant, severity, detail, program, steps, run_seed, seconds, invariants=fired, call=call,
+        keys=error_keys(call, error), follows=list(getattr(error, "follows", ())), reported_seconds=seconds,
+        calls=getattr(error, "program_calls", None),
+    )
 
 
-def bind_stats(machine: type[AllocatorMachine], stats: Stats) -> type[AllocatorMachine]:
-    return type(machine.__name__, (machine,), {"stats": stats})
+def run_finding(name: str, error: BaseException, run_seed: int, started: float, mask: FindingMask, stats: Stats) -> Finding:
+    """The finding of a failed run of machine `name` (under `mask`, into `stats`): timed from
+    `started` to its first failing step, with its minimal program's calls."""
+    finding = finding_from(name, error, run_seed, time.monotonic() - started)
+    if mask.first_failure_at is not None:
+        finding.seconds = mask.first_failure_at - started
+    if finding.calls is None:
+        finding.calls = stats.last_program
+    return finding
+
+
+def bind(machine: type[AllocatorMachine], stats: Stats, mask: FindingMask | None = None) -> type[AllocatorMachine]:
+    """`machine` reporting into `stats`, with `mask`'s findings masked."""
+    return type(machine.__name__, (machine,), {"stats": stats, "finding_mask": mask})
+
+
+@dataclass
+class Search:
+    """What one check has found so far, and how its next run masks it."""
+
+    target: Target
+    device: str
+    started: float
+    every_finding: bool
+    masked: set[FindingKey] = field(default_factory=set)
+    retired: set[str] = field(default_factory=set)
+    """Machines that found again a finding they cannot mask (an error outside any call)."""
+
+    def run(self, machine: type[AllocatorMachine], name: str, run_seed: int, stats: Stats, run_settings: settings) -> list[Finding]:
+        """One Hypothesis run; its new findings (every distinct failure it reported, or with
+        `every_finding` off the most telling one)."""
+        mask = FindingMask(frozenset(self.masked))
+        try:
+            run_state_machine_as_test(hypothesis_seed(run_seed)(bind(machine, stats, mask)), settings=run_settings)
+        except IsolationError:  # the worker machinery failed, not the target
+            raise
+        except Exception as error:  # any failure of the target is a finding, not a harness crash
+            failures = failures_of(error) if self.every_finding else [most_telling(error)]
+            found = [run_finding(name, failure, run_seed, self.started, mask, stats) for failure in failures]
+            new = [finding for finding in found if not set(finding.keys) <= self.masked]
+            if not new:
+                self.retired.add(name)
+            for finding in new:
+                self.masked.update(finding.keys)
+                finding.snippet = snippet_of(finding, self.target, self.device)
+            return new
+        return []
 
 
 def check_phases(shrink: bool = True) -> list[Phase]:
@@ -158,11 +258,14 @@ def run_check(
     progress: Callable[[CheckReport], None] | None = None,
     shrink: bool = True,
     max_steps: int | None = None,
+    every_finding: bool = False,
 ) -> CheckReport:
-    """Run the machines round-robin until a violation or the budget; return what happened.
+    """Run the machines round-robin until the budget; return what happened.
 
-    shrink=False reports the first failing program as found: the finding's time is then the
-    time to detect, and its program is not minimal (shrinking usually takes far longer).
+    By default the check stops at its first finding. every_finding=True goes on until the
+    budget is spent, each finding masked once reported (properties/machines/masking.py), and
+    reports every distinct one. shrink=False reports each failing program as found: its
+    program is then not minimal (shrinking usually takes far longer than detecting).
     max_steps bounds the rules of a program (default: SHRINKING_STEPS_PER_PROGRAM when shrinking,
     else the ci profile's); shorter programs shrink in fewer replays, which matters when each
     failing replay waits out a call timeout (HANG)."""
@@ -183,23 +286,24 @@ def run_check(
         stateful_step_count=steps,
     )
     started, started_cpu = time.monotonic(), time.process_time()
+    search = Search(bound, device, started, every_finding)
+
+    def done() -> bool:
+        enough = report.finding is not None and not every_finding
+        return enough or report.seconds >= budget or len(search.retired) == len(names)
+
     try:
-        while time.monotonic() - started < budget and report.finding is None:
+        while not done():
             for name in names:
-                run_seed = rng.randrange(2**32)
-                machine = hypothesis_seed(run_seed)(bind_stats(classes[name], stats))
-                try:
-                    run_state_machine_as_test(machine, settings=run_settings)
-                except IsolationError:  # the worker machinery failed, not the target
-                    raise
-                except Exception as error:  # any failure of the target is a finding, not a harness crash
-                    report.finding = finding_from(name, error, run_seed, time.monotonic() - started)
-                    report.finding.calls = stats.last_program
+                if name in search.retired:
+                    continue
+                for finding in search.run(classes[name], name, rng.randrange(2**32), stats, run_settings):
+                    report.add(finding)
                 report.runs += 1
                 _update(report, stats, started, started_cpu)
                 if progress is not None:
                     progress(report)
-                if report.finding is not None or report.seconds >= budget:
+                if done():
                     break
     except KeyboardInterrupt:  # Ctrl-C: stop here and report what the check did so far
         report.interrupted = True

@@ -8,8 +8,10 @@ probes. So it fails on the allocator that made the finding and passes on the ref
 export checks both and records the outcome in report.json.
 
 A finding directory is written complete or not at all: files are fsynced in a scratch
-directory that is then renamed into place. The name is the finding's id (invariant and the
-sequence of call names), so the rename also deduplicates, across workers and campaigns.
+directory that is then renamed into place. The name is the finding's id, made from its
+identity (invariant, call, shape of the detail: properties/machines/masking.py), so the rename
+also deduplicates, across programs, workers and campaigns. `program.py` holds the minimal
+program as plain allocator calls.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,17 +33,22 @@ from allocator.free_list import FreeListAllocator
 from allocator.interface import CPU_ARGS, TENSOR_ARGS
 from canary.invariants import Name
 from properties.machines.driver import AllocatorDriver
-from properties.runners.check import Finding
+from properties.machines.masking import FindingKey
 from properties.targets import AllocatorConfig, Factory, Target, reference_factory
 from properties.usage import current_umask
 
+if TYPE_CHECKING:  # check.py builds snippets from this module's replay
+    from properties.runners.check import Finding
+
 REPORT_NAME = "report.json"
+SNIPPET_NAME = "program.py"
+"""The minimal program as plain allocator calls (properties/runners/snippet.py)."""
 
 
-def finding_id(invariant: Name, calls: list[dict]) -> str:
-    """Same invariant and same sequence of call names: the same finding."""
-    shape = "\n".join([invariant, *(entry["call"] for entry in calls)])
-    return f"{invariant.lower()}-{hashlib.sha256(shape.encode()).hexdigest()[:10]}"
+def finding_id(key: FindingKey) -> str:
+    """A finding's identity (invariant, call, shape of the detail: properties/machines/masking.py)
+    as a directory name: the same bug found by another program or worker gets the same one."""
+    return f"{key[0].lower()}-{hashlib.sha256(chr(10).join(key).encode()).hexdigest()[:10]}"
 
 
 def test_file_name(identifier: str) -> str:
@@ -77,22 +84,24 @@ def mapping_runs(mapping: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(full, swa, length) for full, swa, length in runs]
 
 
-def call_source(entry: dict) -> str:
-    """The Python of one logged call (golden-trace arguments)."""
+def call_source(entry: dict, receiver: str = "allocator", cpu: str = "cpu") -> str:
+    """The Python of one logged call (golden-trace arguments) on `receiver`: index lists as
+    `t([...])` on the device, and as `cpu([...])` (named `cpu`) where the call wants them on
+    the host."""
     name, args = entry["call"], entry["args"]
     if name == "backup_state":
-        return f"backup_{args[0]} = allocator.backup_state()"
+        return f"backup_{args[0]} = {receiver}.backup_state()"
     if name == "restore_state":
-        return f"allocator.restore_state(backup_{args[0]})"
+        return f"{receiver}.restore_state(backup_{args[0]})"
     rendered = []
     for position, value in enumerate(args):
         if position in CPU_ARGS.get(name, ()):
-            rendered.append(f"cpu({render_indices(value)})")
+            rendered.append(f"{cpu}({render_indices(value)})")
         elif position in TENSOR_ARGS.get(name, ()):
             rendered.append(f"t({render_indices(value)})")
         else:
             rendered.append(repr(value))
-    return f"allocator.{name}({', '.join(rendered)})"
+    return f"{receiver}.{name}({', '.join(rendered)})"
 
 
 # ------------------------------------------------------------ the reference's answers
@@ -328,7 +337,7 @@ def export_finding(
     """Write a shrunk finding: report.json and its pytest file, after checking that the file
     fails on the target and passes on the reference. `context` goes into the report."""
     program = finding.calls or {"config": {}, "calls": []}
-    identifier = finding_id(finding.invariant, program["calls"])
+    identifier = finding_id(finding.key)
     report = {
         "id": identifier,
         "kind": finding_kind(finding),
@@ -347,6 +356,8 @@ def export_finding(
     report.update(test=name, fails_on_target=on_target is not None, target_failure=on_target,
                   passes_on_reference=on_reference is None, reference_failure=on_reference)
     files = {REPORT_NAME: json.dumps(report, indent=2) + "\n", name: source}
+    if finding.snippet:
+        files[SNIPPET_NAME] = finding.snippet
     return Export(identifier, write_finding_directory(findings_dir, identifier, files), report)
 
 

@@ -27,6 +27,7 @@ from properties.targets.mutants.allocation import (
     ExtendIgnoresLastPageContiguity,
     MergeForgetsStaged,
     NonAtomicPair,
+    PrecheckIgnoresStaged,
     SwaLastLocUntranslated,
     TokenFreeGoesToFront,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "MergeForgetsStaged",
     "NestedBeginDropsPending",
     "NonAtomicPair",
+    "PrecheckIgnoresStaged",
     "RestoreSkipsMapping",
     "SwaLastLocUntranslated",
     "TailMapsNonTailSlots",
@@ -91,6 +93,7 @@ MUTANTS: dict[str, type[Mutant]] = {
     "decode_wrong_page_at_boundary": DecodeWrongPageAtBoundary,
     "merge_forgets_staged": MergeForgetsStaged,
     "non_atomic_pair": NonAtomicPair,
+    "precheck_ignores_staged": PrecheckIgnoresStaged,
     "swa_last_loc_untranslated": SwaLastLocUntranslated,
     "token_free_goes_to_front": TokenFreeGoesToFront,
     "free_swa_token_granular": FreeSwaTokenGranular,

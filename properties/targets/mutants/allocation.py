@@ -65,10 +65,11 @@ class DecodeWrongPageAtBoundary(PoolMutant):
     Report: sglang #39040 (the new-page decision used the wrong length), #31616 (EAGLE decode
     lengths not page-aligned).
     Breaks NODUP (a slot of a page it does not own) or CONSERVE (a page the model did not
-    take), and WINDOW when the new token lands on a page without an SWA peer.
+    take), WINDOW when the new token lands on a page without an SWA peer, and CAPACITY when
+    the early page is one the pools no longer have (a decode that needs no page is refused).
     """
 
-    breaks = (Name.NODUP, Name.CONSERVE, Name.WINDOW)
+    breaks = (Name.NODUP, Name.CONSERVE, Name.WINDOW, Name.CAPACITY)
     paged_pool = _DecodesOnLengthAfterStep
 
 
@@ -110,6 +111,26 @@ class NonAtomicPair(Mutant):
             full.allocate(full_reservation)
             return None
         return super()._allocate_pair(full_reservation, swa_reservation, swa_tail)
+
+
+class _CapacityWithoutStaged(FreeListAllocator):
+    def can_serve(self, reservation: Reservation) -> bool:
+        return reservation.units <= self.free_pages.numel()
+
+
+class PrecheckIgnoresStaged(PoolMutant):
+    """Bug class: the two-pool pre-check counts only a pool's ready units, not the units
+    need_sort staged (which the merge would make ready), so an allocation the pools can serve
+    returns None.
+
+    Source: SPEC §1.1-1.3 (available_size() counts staged units; an allocation is refused only
+    when a pool is short after the merge).
+    Breaks CAPACITY.
+    """
+
+    breaks = (Name.CAPACITY,)
+    token_pool = type("TokenPoolCapacityWithoutStaged", (_CapacityWithoutStaged, TokenToKVPoolAllocator), {})
+    paged_pool = type("PagedPoolCapacityWithoutStaged", (_CapacityWithoutStaged, PagedTokenToKVPoolAllocator), {})
 
 
 class SwaLastLocUntranslated(Mutant):

@@ -68,12 +68,13 @@ PAGED_PROGRAM = [
 ]
 
 
-def test_finding_id_is_the_invariant_and_the_call_names() -> None:
-    other_arguments = [{"call": "alloc", "args": [5]}, {"call": "free", "args": [[3]]}]
-    assert finding_id(Name.STALE, ALLOC_THEN_FREE) == finding_id(Name.STALE, other_arguments)
-    assert finding_id(Name.STALE, ALLOC_THEN_FREE) != finding_id(Name.CONSERVE, ALLOC_THEN_FREE)
-    assert finding_id(Name.STALE, ALLOC_THEN_FREE) != finding_id(Name.STALE, ALLOC_THEN_FREE[:1])
-    assert finding_id(Name.STALE, []).startswith("stale-")
+def test_finding_id_is_the_identity_of_the_finding() -> None:
+    stale = (Name.STALE, "free", "full slots that are not live still map to an SWA slot")
+    assert finding_id(stale) == finding_id((Name.STALE, "free", str(stale[2])))
+    assert finding_id(stale) != finding_id((Name.CONSERVE, *stale[1:]))
+    assert finding_id(stale) != finding_id((Name.STALE, "free_swa", stale[2]))
+    assert finding_id(stale) != finding_id((Name.STALE, "free", "another check"))
+    assert finding_id(stale).startswith("stale-")
 
 
 @pytest.mark.parametrize("values", [[], [5], [1, 2, 3], [1, 2, 3, 4], [9, 1, 2, 3, 4, 5, 7, 8, 40, 41, 42, 43, 44]])

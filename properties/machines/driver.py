@@ -40,7 +40,8 @@ class AllocatorDriver:
                 raise
             if self.mask.swallows(method, error):
                 return None
-            raise self.mask.tagged(error, method)
+            self.mask.tagged(error, method)
+            raise
 
     def _make(self, entry: dict) -> torch.Tensor | None:
         method, args = entry["call"], entry["args"]

@@ -100,7 +100,8 @@ class ProgramMask:
             return violations
         kept = [violation for violation in violations if violation_key(call, violation) not in self.mask.keys]
         if not kept:
-            self.passed += [key for key in dict.fromkeys(violation_key(call, v) for v in violations) if key not in self.passed]
+            keys = dict.fromkeys(violation_key(call, violation) for violation in violations)
+            self.passed += [key for key in keys if key not in self.passed]
             self.halted = out_of_step()
         return kept
 

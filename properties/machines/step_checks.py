@@ -121,7 +121,8 @@ def check_step(
     found += _check_result(observed, previous, expectation, model.page_size)
     if refused(observed, expectation):
         refused_slots = expectation.result or []
-        found.append(violation(Name.CAPACITY, refused_slots, f"slots {expectation.call} refused (returned None) though both pools could serve them"))
+        detail = f"slots {expectation.call} refused (returned None) though both pools could serve them"
+        found.append(violation(Name.CAPACITY, refused_slots, detail))
         return sorted(found, key=lambda v: v.severity is not Severity.FATAL)
     found += _check_pools(observed, model)
     found += _check_mapping(observed, model, live_tokens)

@@ -91,7 +91,8 @@ class Finding:
             f"{self.seconds:.1f}s (seed {self.seed}):\n  {self.detail}\n"
         )
         if self.follows:
-            text += "  after going past: " + "; ".join(f"{invariant} at {call}" for invariant, call, _ in self.follows) + "\n"
+            passed = "; ".join(f"{invariant} at {call}" for invariant, call, _ in self.follows)
+            text += f"  after going past: {passed}\n"
         text += f"Minimal program ({self.program_steps} steps):\n{self.program}"
         if self.snippet:
             text += f"\nAs allocator calls:\n{self.snippet}"
@@ -193,7 +194,9 @@ def finding_from(machine: str, error: BaseException, run_seed: int, seconds: flo
     )
 
 
-def run_finding(name: str, error: BaseException, run_seed: int, started: float, mask: FindingMask, stats: Stats) -> Finding:
+def run_finding(
+    name: str, error: BaseException, run_seed: int, started: float, mask: FindingMask, stats: Stats
+) -> Finding:
     """The finding of a failed run of machine `name` (under `mask`, into `stats`): timed from
     `started` to its first failing step, with its minimal program's calls."""
     finding = finding_from(name, error, run_seed, time.monotonic() - started)
@@ -221,7 +224,9 @@ class Search:
     retired: set[str] = field(default_factory=set)
     """Machines that found again a finding they cannot mask (an error outside any call)."""
 
-    def run(self, machine: type[AllocatorMachine], name: str, run_seed: int, stats: Stats, run_settings: settings) -> list[Finding]:
+    def run(
+        self, machine: type[AllocatorMachine], name: str, run_seed: int, stats: Stats, run_settings: settings
+    ) -> list[Finding]:
         """One Hypothesis run; its new findings (every distinct failure it reported, or with
         `every_finding` off the most telling one)."""
         mask = FindingMask(frozenset(self.masked))

@@ -51,8 +51,9 @@ def factory_source(target: Target) -> tuple[list[str], str]:
     factory that cannot be named (a closure) is stood in for by the reference, and says so."""
     name = target.name.split(" [")[0]
     if name.startswith("mutant:"):
-        imports = ["from properties.targets import AllocatorConfig", "from properties.targets.mutants import mutant_factory"]
-        return imports, f"mutant_factory({name.removeprefix('mutant:')!r})"
+        imports = ["from properties.targets import AllocatorConfig"]
+        imports.append("from properties.targets.mutants import mutant_factory")
+        return imports, f"mutant_factory({name[len('mutant:'):]!r})"
     expression = ""
     try:
         resolve_target(name)
@@ -62,7 +63,8 @@ def factory_source(target: Target) -> tuple[list[str], str]:
         name = f"{module}:{qualname}" if module and qualname and "<" not in qualname else "reference"
         if name == "reference":
             expression = f"  # stands in for {target.name}, which cannot be rebuilt from its name"
-    return ["from properties.targets import AllocatorConfig, resolve_target"], f"resolve_target({name!r}).factory{expression}"
+    imports = ["from properties.targets import AllocatorConfig, resolve_target"]
+    return imports, f"resolve_target({name!r}).factory{expression}"
 
 
 def _describe(entry: dict, outcome: Outcome | None, reference: Any) -> str:

@@ -57,7 +57,7 @@ def allocate(allocator: SWATokenToKVPoolAllocator, count: int) -> list[int] | No
 def test_registry_names_the_spec_invariants_and_contract_with_their_severity() -> None:
     fatal = {Name.SENTINEL, Name.PAD, Name.NODUP, Name.CONSERVE, Name.SWA_LE_FULL, Name.ATOMIC, Name.AVAIL, Name.WINDOW}
     fatal |= {Name.CRASH, Name.HANG}
-    guard = {Name.STALE, Name.PAGE, Name.XLAT, Name.LEAK, Name.CONTRACT, Name.DIFFERENTIAL}
+    guard = {Name.STALE, Name.PAGE, Name.XLAT, Name.LEAK, Name.CAPACITY, Name.CONTRACT, Name.DIFFERENTIAL}
     assert set(INVARIANTS) == fatal | guard
     assert {name for name, inv in INVARIANTS.items() if inv.severity is Severity.FATAL} == fatal
     assert {name for name, inv in INVARIANTS.items() if inv.model_free} == set(MODEL_FREE)

@@ -33,16 +33,20 @@ class Outcome:
 
 
 def target_outcomes(target: Target, device: str, program: dict) -> list[Outcome]:
-    """The program's calls made again on a fresh allocator of `target`, up to the first that
-    raises (a failed construction gives no outcome)."""
-    outcomes: list[Outcome] = []
+    """The program's calls made again on a fresh allocator of `target`, each one whether or
+    not an earlier one raised, as the machines did (a failed construction gives none)."""
     try:
         driver = AllocatorDriver(target.factory(AllocatorConfig(device=device, **program["config"])), device)
-        for entry in program["calls"]:
+    except Exception:  # no allocator, no outcomes: the snippet says so at each call
+        return []
+    outcomes: list[Outcome] = []
+    for entry in program["calls"]:
+        try:
             result = driver.call(entry["call"], *entry["args"])
+        except Exception as error:  # the target's failure is part of what the snippet shows
+            outcomes.append(Outcome(None, f"{type(error).__name__}: {error}"))
+        else:
             outcomes.append(Outcome(None if result is None else result.cpu().tolist(), None))
-    except Exception as error:  # the target's failure is part of what the snippet shows
-        outcomes.append(Outcome(None, f"{type(error).__name__}: {error}"))
     return outcomes
 
 
@@ -70,7 +74,7 @@ def factory_source(target: Target) -> tuple[list[str], str]:
 def _describe(entry: dict, outcome: Outcome | None, reference: Any) -> str:
     """The comment after a call: the target's result, and the reference's where it differs."""
     if outcome is None:
-        return "not reached: an earlier call raised"
+        return "not reached: the target could not be built"
     allocation = entry["call"] in ALLOCATIONS
     said = f"raises {outcome.error}" if outcome.error else repr(outcome.result) if allocation else "no error"
     if reference.raised:

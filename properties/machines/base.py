@@ -236,6 +236,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def out_of_step(self) -> bool:
         """Whether the allocator's state is no longer the model's (after a masked step)."""
+        assert self.allocator is not None  # only a step of a started program asks
         return bool(state_differences(observe(self.allocator, None), self.model))
 
     def teardown(self) -> None:

@@ -2,9 +2,12 @@
 
 from allocator.errors import (
     AllocatorError,
+    ConfigIntegerError,
     ContiguityError,
     DoubleFreeError,
     FreeGroupError,
+    IndexIntegerError,
+    IntegerError,
     InvalidConfigError,
     InvalidIndexError,
     InvalidStateError,
@@ -17,9 +20,12 @@ from allocator.token import TokenToKVPoolAllocator
 
 __all__ = [
     "AllocatorError",
+    "ConfigIntegerError",
     "ContiguityError",
     "DoubleFreeError",
     "FreeGroupError",
+    "IndexIntegerError",
+    "IntegerError",
     "InvalidConfigError",
     "InvalidIndexError",
     "InvalidStateError",

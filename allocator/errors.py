@@ -7,6 +7,15 @@ exactly as it was.
 from __future__ import annotations
 
 
+class IntegerError(ValueError):
+    """A value that must be a Python int (a bool is not one) of at least some bound is not.
+
+    Raised only by `allocator.validation.check_int`. Each layer's flavour subclasses this and
+    its own error type (`ConfigIntegerError` is an `InvalidConfigError` too), so a caller can
+    catch either.
+    """
+
+
 class AllocatorError(Exception):
     """Base class of every error the allocator raises on bad input or misuse."""
 
@@ -41,3 +50,11 @@ class InvalidStateError(AllocatorError, ValueError):
 
 class SWAPeerHeldError(AllocatorError, ValueError):
     """Checked mode: `free_full` names a full slot whose SWA peer is still allocated."""
+
+
+class ConfigIntegerError(IntegerError, InvalidConfigError):
+    """A size or page size given to a constructor is not an int of at least its bound."""
+
+
+class IndexIntegerError(IntegerError, InvalidIndexError):
+    """A count given to a call is not an int of at least 0."""

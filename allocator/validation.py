@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from allocator.errors import InvalidConfigError, InvalidIndexError
+from allocator.errors import (
+    ConfigIntegerError,
+    IndexIntegerError,
+    IntegerError,
+    InvalidConfigError,
+    InvalidIndexError,
+)
 
 
 def canonical_device(device: torch.device | str) -> torch.device:
@@ -31,6 +37,27 @@ def canonical_device(device: torch.device | str) -> torch.device:
     return device
 
 
+def check_int(name: str, value: object, minimum: int | None = None, error: type[IntegerError] = IntegerError) -> int:
+    """The one strict integer check: `value` when it is a Python int (a bool is not) >= `minimum`.
+
+    Args:
+        name: what the value is, for the message ("page_size", "record index").
+        value: the value to check.
+        minimum: the smallest value allowed; None for no bound.
+        error: the IntegerError subclass to raise (the caller layer's flavour of it).
+
+    Returns:
+        The value, typed as int.
+
+    Raises:
+        error: "NAME must be an int[ >= MINIMUM], got VALUE".
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise error(f"{name} must be an int{bound}, got {value!r:.60}")
+    return value
+
+
 def check_dtype(dtype: object) -> torch.dtype:
     """The KV dtype: a torch.dtype (the allocator keeps it for the KV cache it serves)."""
     if not isinstance(dtype, torch.dtype):
@@ -39,23 +66,16 @@ def check_dtype(dtype: object) -> torch.dtype:
 
 
 def check_pool_config(size: int, page_size: int, name: str = "size") -> None:
-    for label, value in ((name, size), ("page_size", page_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidConfigError(f"{label} must be an int, got {type(value).__name__}")
-    if page_size < 1:
-        raise InvalidConfigError(f"page_size must be >= 1, got {page_size}")
-    if size <= 0:
-        raise InvalidConfigError(f"{name} must be > 0, got {size}")
+    """A pool of `size` slots in pages of `page_size`: both ints >= 1, size a multiple of the page."""
+    check_int(name, size, 1, ConfigIntegerError)
+    check_int("page_size", page_size, 1, ConfigIntegerError)
     if size % page_size:
         raise InvalidConfigError(f"{name}={size} is not a multiple of page_size={page_size}")
 
 
 def check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidIndexError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise InvalidIndexError(f"{name} must be >= 0, got {value}")
-    return value
+    """A number of slots or tokens asked of a call: an int >= 0."""
+    return check_int(name, value, 0, IndexIntegerError)
 
 
 def check_vector(name: str, tensor: object, device: torch.device, length: int | None = None) -> torch.Tensor:

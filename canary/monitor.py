@@ -38,7 +38,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from allocator.errors import IntegerError
 from allocator.interface import SWAAllocator
+from allocator.validation import check_int
 from canary.invariants import InvariantViolation, Severity
 from canary.probes import AllocatorView, run_probes, select_probes
 from canary.report import CanaryRecord, Reporter
@@ -60,6 +62,10 @@ _SEEN_LIMIT = 1 << 16
 
 class CanaryConfigError(ValueError):
     """attach() was given an option it cannot work with."""
+
+
+class CanaryIntegerError(IntegerError, CanaryConfigError):
+    """A monitor setting that must be an int of at least its bound is not."""
 
 
 @dataclass
@@ -351,8 +357,7 @@ def _check_config(
     ):
         if value is None and optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-            raise CanaryConfigError(f"{label} must be an int >= {lowest}, got {value!r}")
+        check_int(label, value, lowest, CanaryIntegerError)
 
 
 def _snapshot_name(monitor: str, step: int) -> str:

@@ -17,6 +17,8 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from allocator.errors import IntegerError
+from allocator.validation import check_int
 from canary.invariants import INVARIANTS, Name, Severity, Violation
 
 RECORD_PREFIX = "SWA_CANARY "
@@ -29,6 +31,10 @@ _LOG_LEVELS = {Severity.FATAL.value: logging.ERROR, Severity.GUARD.value: loggin
 
 class RecordFormatError(ValueError):
     """A line that is not a well-formed canary record."""
+
+
+class RecordIntegerError(IntegerError, RecordFormatError):
+    """An index in a violation record is not an int."""
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,8 @@ def parse_record(line: str) -> CanaryRecord:
     for name, types in _FIELD_TYPES.items():
         if isinstance(body[name], bool) or not isinstance(body[name], types):
             raise RecordFormatError(f"record field {name!r} has the wrong type: {body[name]!r}")
-    if any(isinstance(item, bool) or not isinstance(item, int) for item in body["indices"]):
-        raise RecordFormatError(f"record indices are not all ints: {body['indices']!r}")
+    for index in body["indices"]:
+        check_int("a record index", index, error=RecordIntegerError)
     invariant = INVARIANTS.get(body["invariant"])
     if invariant is None:
         raise RecordFormatError(f"record names unknown invariant {body['invariant']!r}")

@@ -26,7 +26,8 @@ from typing import Callable, TextIO
 
 import torch
 
-from allocator import SWATokenToKVPoolAllocator
+from allocator import IntegerError, SWATokenToKVPoolAllocator
+from allocator.validation import check_int
 from canary.invariants import Name
 from canary.monitor import MODES, CanaryMonitor, attach
 from canary.report import CanaryRecord
@@ -34,6 +35,10 @@ from canary.report import CanaryRecord
 
 class SimulationConfigError(ValueError):
     """A simulation that cannot run as configured."""
+
+
+class SimulationIntegerError(IntegerError, SimulationConfigError):
+    """A simulation setting that must be an int of at least its bound is not."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,7 @@ class SimulationConfig:
         ints = {"steps": 1, "page_size": 1, "size": 1, "size_swa": 1, "window": 1, "every": 1, "max_running": 1,
                 "prefill_budget": 1}
         for name, lowest in ints.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-                raise SimulationConfigError(f"{name} must be an int >= {lowest}, got {value!r}")
+            check_int(name, getattr(self, name), lowest, SimulationIntegerError)
         for name in ("size", "size_swa"):
             if getattr(self, name) % self.page_size:
                 raise SimulationConfigError(

@@ -23,6 +23,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
+from allocator.errors import IntegerError
+from allocator.validation import check_int
 from canary.probes import AllocatorView, ProbeInputError
 from canary.sweep import Batch, SweepResult, sweep
 
@@ -37,6 +39,10 @@ _VIEW_INTS = ("page_size", "size_full", "size_swa", "full_available", "swa_avail
 
 class SnapshotError(ValueError):
     """A file that is not a readable canary snapshot."""
+
+
+class SnapshotIntegerError(IntegerError, SnapshotError):
+    """A count in a snapshot file is not an int."""
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,7 @@ class Snapshot:
                 raise SnapshotError(f"{where}: batch.{key} is not a {ndim}-D tensor")
         if batch["req_to_token"].shape[0] != batch["req_pool_indices"].shape[0]:
             raise SnapshotError(f"{where}: batch.req_to_token must hold one row per request")
-        if isinstance(batch["table_rows"], bool) or not isinstance(batch["table_rows"], int):
-            raise SnapshotError(f"{where}: batch.table_rows is not an int")
+        check_int(f"{where}: batch.table_rows", batch["table_rows"], 0, SnapshotIntegerError)
         cut = Batch(batch["req_to_token"], batch["req_pool_indices"], batch["seq_lens"], batch["evict_floors"])
         return cls(view, cut, batch["table_rows"], body["window"], body["page_size"], body["step"], body["monitor"])
 

@@ -81,7 +81,7 @@ def test_an_error_the_target_raises_comes_back_and_leaves_the_state_read_back() 
     before = AllocatorView.of(isolated).mapping.tolist()
     with pytest.raises(RemoteError, match="FreeGroupError: free_group_end without free_group_begin"):
         isolated.free_group_end()
-    with pytest.raises(RemoteError, match="InvalidIndexError: need_size must be >= 0"):
+    with pytest.raises(RemoteError, match="IndexIntegerError: need_size must be an int >= 0"):
         isolated.alloc(-1)
     with pytest.raises(TypeError):  # a builtin type comes back as itself
         isolated.alloc_extend(t(0))

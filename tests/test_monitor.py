@@ -245,7 +245,7 @@ def corrupt_line(**fields) -> str:
         (corrupt_line(**{'"count":3': '"count":"3"'}), "'count' has the wrong type"),
         (corrupt_line(**{'"count":3': '"count":true'}), "'count' has the wrong type"),
         (corrupt_line(**{'"count":3': '"count":0'}), "count 0 is not positive"),
-        (corrupt_line(**{"[4,7]": '[4,"7"]'}), "indices are not all ints"),
+        (corrupt_line(**{"[4,7]": '[4,"7"]'}), "a record index must be an int"),
         (corrupt_line(**{'"WINDOW"': '"WINDOWS"'}), "unknown invariant"),
         (corrupt_line(**{'"FATAL"': '"GUARD"'}), "WINDOW is FATAL"),
         (corrupt_line(**{'"divergence"': '"model"'}), "source 'model'"),

@@ -320,7 +320,7 @@ def test_view_reads_an_sglang_like_allocator() -> None:
     [
         (dict(mapping=torch.zeros(34, dtype=torch.int32)), "1-D int64"),
         (dict(mapping=torch.zeros(30, dtype=torch.int64)), "size_full \\+ page_size \\+ 1"),
-        (dict(available=torch.tensor(3)), "Python int"),
+        (dict(available=torch.tensor(3)), "available must be an int"),
         (dict(size_swa=15, page_size=2), "multiple of page_size"),
         (dict(full_free=[1, 2]), "1-D int64"),
     ],

@@ -23,6 +23,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from allocator.errors import IntegerError
+from allocator.validation import check_int
 from canary.backend import Impl, choose_backend
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -31,6 +33,10 @@ _INT32_MAX = 2**31 - 1
 
 class DivergenceInputError(ValueError):
     """The detector was given tensors or parameters it cannot scan (raised before any work)."""
+
+
+class DivergenceIntegerError(IntegerError, DivergenceInputError):
+    """A window, page size or slot count given to the detector is not an int >= 1."""
 
 
 @dataclass(frozen=True)
@@ -130,9 +136,9 @@ def _check_inputs(
             raise DivergenceInputError(
                 f"{name} is on {tensor.device} but req_to_token is on {req_to_token.device}"
             )
-    _check_positive_int("window", window)
-    _check_positive_int("page_size", page_size)
-    _check_positive_int("swa_slots", swa_slots)
+    check_int("window", window, 1, DivergenceIntegerError)
+    check_int("page_size", page_size, 1, DivergenceIntegerError)
+    check_int("swa_slots", swa_slots, 1, DivergenceIntegerError)
 
 
 def _check_tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...], ndim: int) -> None:
@@ -143,13 +149,6 @@ def _check_tensor(name: str, value: object, dtypes: tuple[torch.dtype, ...], ndi
         raise DivergenceInputError(f"{name} must be {allowed}, got {value.dtype}")
     if value.dim() != ndim:
         raise DivergenceInputError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DivergenceInputError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise DivergenceInputError(f"{name} must be >= 1, got {value}")
 
 
 def _resolve_kernels(impl: str, device: torch.device, mapping_len: int) -> ModuleType | None:

@@ -41,7 +41,9 @@ from typing import Iterable, Sequence, SupportsIndex
 import torch
 from torch import Tensor
 
+from allocator.errors import IntegerError
 from allocator.interface import Pool, SWAAllocator
+from allocator.validation import check_int
 from canary.backend import Impl, choose_backend
 from canary.invariants import INVARIANTS, Name, Violation
 from canary.probes import torch_backend as _probes_torch
@@ -50,6 +52,10 @@ from canary.probes.plan import CHECK_DETAILS, decode, host_findings, plan, put_f
 
 class ProbeInputError(ValueError):
     """The probes were given something they cannot read (raised before any device work)."""
+
+
+class ProbeIntegerError(IntegerError, ProbeInputError):
+    """A size or count given to the probes is not an int of at least its bound."""
 
 
 # --------------------------------------------------------------------------- the view
@@ -77,9 +83,7 @@ class AllocatorView:
         sizes = (self.page_size, self.size_full, self.size_swa, self.full_available, self.swa_available, self.available)
         if any(type(value) is not int for value in sizes):  # the probes run after every step: check fast
             for name in ("page_size", "size_full", "size_swa", "full_available", "swa_available", "available"):
-                value = getattr(self, name)
-                if isinstance(value, (bool, Tensor)) or not isinstance(value, int):
-                    raise ProbeInputError(f"{name} must be a Python int, got {type(value).__name__}")
+                check_int(name, getattr(self, name), error=ProbeIntegerError)
         if self.page_size < 1:
             raise ProbeInputError(f"page_size must be >= 1, got {self.page_size}")
         for name in ("size_full", "size_swa"):
@@ -284,8 +288,7 @@ def run_probes(
     """
     if not isinstance(view, AllocatorView):
         raise ProbeInputError(f"run_probes takes an AllocatorView, got {type(view).__name__}")
-    if isinstance(max_indices, bool) or not isinstance(max_indices, int) or max_indices < 0:
-        raise ProbeInputError(f"max_indices must be an int >= 0, got {max_indices!r}")
+    check_int("max_indices", max_indices, 0, ProbeIntegerError)
     selected = _MODEL_FREE if names is None else select_probes(names)
     selected = tuple(name for name in selected if name not in view.inapplicable)
     device = view.mapping.device

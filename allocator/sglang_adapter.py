@@ -116,10 +116,11 @@ def make_sglang_allocator(
     size_swa: int,
     page_size: int,
     device: str | torch.device = "cpu",
-    need_sort: bool = False,
+    need_sort: bool | None = False,
     dtype: torch.dtype = torch.float16,
 ) -> SWAAllocator:
-    """The installed release's `SWATokenToKVPoolAllocator` over a mapping-only pool."""
+    """The installed release's `SWATokenToKVPoolAllocator` over a mapping-only pool (need_sort
+    None: the release's own behaviour where it has no need_sort parameter, else False)."""
     cls = find_sglang_allocator_class()
     allocator = _build(cls, size, size_swa, page_size, torch.device(device), need_sort, dtype)
     if _has_padded_layout(cls):
@@ -132,14 +133,22 @@ def make_sglang_allocator(
 def _has_padded_layout(cls: type) -> bool:
     """Whether the release's mapping has size + size_swa + 1 entries (no sentinel): read from a
     small allocator whose two layouts differ in length (they coincide when size_swa == 1)."""
-    mapping = _build(cls, 8, 4, 1, torch.device("cpu"), False, torch.float16).full_to_swa_index_mapping
+    mapping = _build(cls, 8, 4, 1, torch.device("cpu"), None, torch.float16).full_to_swa_index_mapping
     return mapping.numel() == 8 + 4 + 1
 
 
 def _build(
-    cls: type, size: int, size_swa: int, page_size: int, device: torch.device, need_sort: bool, dtype: torch.dtype
+    cls: type,
+    size: int,
+    size_swa: int,
+    page_size: int,
+    device: torch.device,
+    need_sort: bool | None,
+    dtype: torch.dtype,
 ) -> Any:
     parameters = _constructor_parameters(cls)
+    if need_sort is None:
+        need_sort = "need_sort" not in parameters and _always_sorts(cls)
     given = {
         "size": size,
         "size_swa": size_swa,
@@ -149,8 +158,9 @@ def _build(
         "kvcache": _mapping_only_pool_class(_kv_pool_base(cls))(),
         "need_sort": need_sort,
     }
-    # A release without a parameter behaves as its absent value: page size 1, no sorting.
-    for name, implied in (("page_size", 1), ("need_sort", False)):
+    # A release without a parameter behaves as its absent value: page size 1, and sorting as
+    # that release always does.
+    for name, implied in (("page_size", 1), ("need_sort", "need_sort" not in parameters and _always_sorts(cls))):
         if name not in parameters and given.pop(name) != implied:
             raise SglangUnsupportedError(
                 f"sglang {installed_sglang_version()}'s allocator has no {name} parameter: only {name}={implied}"
@@ -177,6 +187,18 @@ def _build(
     return allocator
 
 
+@functools.cache
+def _always_sorts(cls: type) -> bool:
+    """Whether a release without the need_sort parameter stages every free and merges sorted, as
+    need_sort=True does (0.4.9.post6 - 0.5.0rc0), rather than freeing straight back (0.4.9):
+    read from where one free of a small allocator goes."""
+    allocator = cls(
+        size=4, size_swa=4, dtype=torch.float16, device="cpu", kvcache=_mapping_only_pool_class(_kv_pool_base(cls))()
+    )
+    allocator.free(allocator.alloc(1))
+    return len(getattr(allocator.full_attn_allocator, "release_pages", ())) > 0
+
+
 def _raises_not_implemented(call: Any) -> bool:
     try:
         call()
@@ -194,11 +216,12 @@ def sglang_capabilities() -> TargetCapabilities:
 
     cls = find_sglang_allocator_class()
     parameters = _constructor_parameters(cls)
-    probe = make_sglang_allocator(size=8, size_swa=4, page_size=1)
+    probe = make_sglang_allocator(size=8, size_swa=4, page_size=1, need_sort=None)
     paged = "page_size" in parameters and _paged_allocation_runs_here()
     return TargetCapabilities(
         paged=paged,
         need_sort="need_sort" in parameters,
+        unsorted_frees="need_sort" in parameters or not _always_sorts(cls),
         alloc_extend_swa_tail=callable(getattr(cls, "alloc_extend_swa_tail", None)),
         free_full=callable(getattr(cls, "free_full", None)),
         free_groups=callable(getattr(cls, "free_group_begin", None)) and callable(getattr(cls, "free_group_end", None)),

@@ -7,6 +7,7 @@ restriction the check is clean, and the calls next to the pattern are still made
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import pytest
@@ -26,6 +27,7 @@ from properties.targets import (
     TargetContract,
     TargetError,
     as_target,
+    build_allocator,
     check_target_builds,
     reference_factory,
     with_contract_changes,
@@ -251,3 +253,17 @@ def test_without_the_capability_a_decode_that_cannot_fit_is_never_made() -> None
     assert RefusesFailingDecode.nearby_calls > 0
     # --relax all keeps what the target cannot be called with.
     assert not with_contract_changes(target, relax=["all"]).capabilities.decode_beyond_capacity
+
+
+def always_sorting(config: AllocatorConfig) -> SWATokenToKVPoolAllocator:
+    """An allocator with no need_sort option that stages every free and merges sorted (sglang
+    0.4.9.post6 - 0.5.0rc0)."""
+    return build_allocator(SWATokenToKVPoolAllocator, dataclasses.replace(config, need_sort=True), checked=True)
+
+
+def test_a_target_that_always_sorts_is_modelled_as_sorting() -> None:
+    sorted_only = TargetCapabilities(need_sort=False, unsorted_frees=False)
+    report = run_check(Target("sorts", always_sorting, SPEC_CONTRACT, sorted_only), budget=5, seed=1)
+    assert report.finding is None, report.finding.explain()
+    modelled_unsorted = Target("sorts", always_sorting, SPEC_CONTRACT, TargetCapabilities(need_sort=False))
+    assert run_check(modelled_unsorted, budget=60, seed=1, shrink=False).finding is not None

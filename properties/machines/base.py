@@ -102,7 +102,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     def start(self, size: int, size_swa: int, page_size: int, need_sort: bool) -> None:
         """Build the allocator and the model for one program."""
-        need_sort = need_sort and self.capabilities.need_sort
+        need_sort = (need_sort and self.capabilities.need_sort) or not self.capabilities.unsorted_frees
         self.model = SWAModel(size, size_swa, page_size, need_sort)
         calls: list[dict] = []
         record = {"config": self.model.config(), "calls": calls}

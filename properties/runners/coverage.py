@@ -58,7 +58,8 @@ def allocator_source_files(target: Target) -> list[str]:
     page_sizes = (1, 2) if target.capabilities.paged else (1,)
     files: set[str] = set()
     for page_size in page_sizes:
-        allocator = target.factory(AllocatorConfig(size=8, size_swa=8, page_size=page_size))
+        need_sort = not target.capabilities.unsorted_frees
+        allocator = target.factory(AllocatorConfig(size=8, size_swa=8, page_size=page_size, need_sort=need_sort))
         for part in (allocator, allocator.full_attn_allocator, allocator.swa_attn_allocator):
             for cls in type(part).__mro__:
                 path = _source_file(cls)

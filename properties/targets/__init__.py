@@ -91,7 +91,10 @@ class TargetCapabilities:
     paged: bool = True
     """Page sizes above 1 (alloc_extend, alloc_decode); else page size 1 only."""
     need_sort: bool = True
-    """The need_sort constructor option; else need_sort=False only."""
+    """The need_sort constructor option; else one behaviour only (see unsorted_frees)."""
+    unsorted_frees: bool = True
+    """Frees can go straight back to the free list (need_sort=False); else every free is staged
+    and merged sorted, as need_sort=True does (sglang 0.4.9.post6 - 0.5.0rc0)."""
     alloc_extend_swa_tail: bool = True
     free_full: bool = True
     free_groups: bool = True
@@ -279,7 +282,8 @@ def check_target_builds(target: Target, device: str) -> None:
         target: the target to try.
         device: the device the run will use.
     """
-    config = dataclasses.replace(PROBE_CONFIG, device=device)
+    # A target that always sorts its frees is built as need_sort=True (TargetCapabilities).
+    config = dataclasses.replace(PROBE_CONFIG, device=device, need_sort=not target.capabilities.unsorted_frees)
     try:
         allocator = target.factory(config)
     except Exception as error:  # whatever the factory raises, the target is unusable

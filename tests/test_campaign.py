@@ -25,15 +25,26 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.database import DirectoryBasedExampleDatabase, InMemoryExampleDatabase
 
 from allocator import SWATokenToKVPoolAllocator
 from canary.invariants import Name
 from properties.campaign import CampaignConfig, run_campaign
 from properties.campaign.database import DatabaseSpec, ResilientRedisDatabase
 from properties.campaign.progress import ProgressDisplay
+from properties.campaign.worker import (
+    DATABASE,
+    SEARCH,
+    RunDatabase,
+    reported_choices,
+    run_machine,
+    run_settings,
+    settle_run,
+)
+from properties.machines import machine_classes
+from properties.runners.check import Stats
 from properties.runners.export import REPORT_NAME, exported_findings, load_report
-from properties.targets import AllocatorConfig
+from properties.targets import AllocatorConfig, resolve_target
 from properties.targets.mutants import fixtures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -345,8 +356,44 @@ def test_two_campaigns_sharing_redis_see_each_others_findings(redis_server: Redi
 
     _, second = campaign(tmp_path / "second", database=DatabaseSpec.parse(redis_server.url, tmp_path / "second"))
     seen = second.events("finding")[0]
-    assert (seen["id"], seen["via"], seen["new"]) == (found["id"], "database", True)
-    assert (tmp_path / "second" / "findings" / found["id"] / REPORT_NAME).is_file()
+    # The first campaign may report more than one finding before it stops: the second reports
+    # one of them (the smallest), never a failure the first left unreported.
+    assert seen["id"] in {finding["id"] for finding in first.events("finding")}
+    assert (seen["via"], seen["new"]) == ("database", True)
+    assert (tmp_path / "second" / "findings" / seen["id"] / REPORT_NAME).is_file()
+
+
+def primary_values(database: InMemoryExampleDatabase) -> list[bytes]:
+    return [value for key, values in database.data.items() if not key.endswith((b".secondary", b".pareto"))
+            for value in values]
+
+
+def test_a_run_leaves_only_the_failure_it_reported_under_the_primary_key() -> None:
+    """Shrinking, Hypothesis slips to smaller bugs and leaves the last failure of each behind
+    under the primary key, which the next database pass replays first and reports unshrunk."""
+    database = InMemoryExampleDatabase()
+    machine = machine_classes(resolve_target(BROKEN), "cpu")["SlotMachine"]
+    run_database = RunDatabase(database)
+    error = run_machine(machine, Stats(), 0, run_settings(run_database, 100, SEARCH))
+    assert error is not None and len(primary_values(database)) > 1
+    settle_run(run_database, True, error)
+    assert primary_values(database) == [reported_choices(error)]
+    again = run_machine(machine, Stats(), 1, run_settings(RunDatabase(database), 100, DATABASE))
+    assert again is not None and reported_choices(again) == reported_choices(error)
+
+
+def test_an_interrupted_run_leaves_its_failures_for_the_next_database_pass_to_shrink() -> None:
+    database = InMemoryExampleDatabase()
+    machine = machine_classes(resolve_target(BROKEN), "cpu")["SlotMachine"]
+    run_database = RunDatabase(database)
+    assert run_machine(machine, Stats(), 0, run_settings(run_database, 100, SEARCH)) is not None
+    settle_run(run_database, False, None)
+    assert primary_values(database) == []
+    run_database = RunDatabase(database)
+    found = run_machine(machine, Stats(), 1, run_settings(run_database, 100, DATABASE))
+    assert found is not None
+    settle_run(run_database, True, found)
+    assert primary_values(database) == [reported_choices(found)]
 
 
 def test_on_a_terminal_progress_is_one_line_redrawn_in_place() -> None:

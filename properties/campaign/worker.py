@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import threading
 import time
 import unittest
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -30,7 +32,8 @@ from typing import Any, Callable
 
 from hypothesis import Phase, settings
 from hypothesis import seed as hypothesis_seed
-from hypothesis.database import ExampleDatabase
+from hypothesis.core import decode_failure
+from hypothesis.database import ExampleDatabase, choices_to_bytes
 from hypothesis.stateful import run_state_machine_as_test
 from hypothesis.statistics import collector
 
@@ -97,6 +100,69 @@ def run_machine(
         return None
     except Exception as error:  # any failure of the target is a finding, not a worker crash
         return error
+    return None
+
+
+_SUB_KEYS = (b".secondary", b".pareto")
+_BLOB = re.compile(r"@reproduce_failure\('[^']*', b'([^']*)'\)")
+
+
+class RunDatabase(ExampleDatabase):
+    """The campaign's database as one run sees it, remembering what the run saved under a
+    primary key (the key Hypothesis treats as shrunk failures: replayed first, and reported
+    without shrinking again when they still fail).
+
+    A run leaves there failures it never reported: the last of each bug it slipped away from
+    while shrinking another, and, when interrupted, the unshrunk failure it was shrinking. The
+    next database pass, in this campaign or another sharing the database, would report one of
+    those, unshrunk, instead of the finding. `settle` moves them to the secondary key, which a
+    database pass replays after the primary one and shrinks."""
+
+    def __init__(self, inner: ExampleDatabase) -> None:
+        super().__init__()
+        self.inner = inner
+        self.saved: set[tuple[bytes, bytes]] = set()
+
+    def __repr__(self) -> str:
+        return f"RunDatabase({self.inner!r})"
+
+    def save(self, key: bytes, value: bytes) -> None:
+        self.inner.save(key, value)
+        if not key.endswith(_SUB_KEYS):
+            self.saved.add((key, value))
+
+    def fetch(self, key: bytes) -> Iterable[bytes]:
+        return self.inner.fetch(key)
+
+    def delete(self, key: bytes, value: bytes) -> None:
+        self.inner.delete(key, value)
+        self.saved.discard((key, value))
+
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        self.inner.move(src, dest, value)
+        self.saved.discard((src, value))
+        if not dest.endswith(_SUB_KEYS):
+            self.saved.add((dest, value))
+
+    def settle(self, reported: bytes | None) -> None:
+        """Move what the run saved under a primary key, but the failure it reported, to the
+        secondary key.
+
+        Args:
+            reported: the reported failure's choices as stored (None: the run reported none).
+        """
+        for key, value in sorted(self.saved - {(key, reported) for key, _ in self.saved}):
+            self.inner.move(key, key + b".secondary", value)
+        self.saved.clear()
+
+
+def reported_choices(error: BaseException) -> bytes | None:
+    """The stored form of the failure Hypothesis reported with `error` (from the
+    @reproduce_failure blob it prints under print_blob), or None if it printed none."""
+    for note in getattr(error, "__notes__", ()):
+        match = _BLOB.search(note)
+        if match:
+            return choices_to_bytes(decode_failure(match.group(1).encode()))
     return None
 
 
@@ -210,11 +276,13 @@ def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> 
                 break
             run_seed = rng.randrange(2**32)
             current[:] = [index, run_seed, which]
-            run = run_settings(database, plan.examples_per_run, which)
+            run_database = RunDatabase(database)
+            run = run_settings(run_database, plan.examples_per_run, which)
             mask = FindingMask(frozenset(found) if which == SEARCH else frozenset())
             finished, error = interruptible.run(
                 classes[name], stats, run_seed, run, lambda s: count_events(s, events), mask
             )
+            settle_run(run_database, finished, error)
             if not finished:
                 break
             if error is not None:
@@ -223,6 +291,15 @@ def worker_main(plan: WorkerPlan, conn: Connection, stop: Any, current: Any) -> 
                 found.update(finding.keys)
                 reporter.send(report_finding(plan, finding, target, PASS_NAMES[which]))
     reporter.close()
+
+
+def settle_run(run_database: RunDatabase, finished: bool, error: BaseException | None) -> None:
+    """After a run: an interrupted one leaves no failure under a primary key, a finished one
+    only the failure it reported (if its blob tells which; else the database stays as it is)."""
+    if not finished:
+        run_database.settle(None)
+    elif error is not None and (reported := reported_choices(error)) is not None:
+        run_database.settle(reported)
 
 
 def report_finding(plan: WorkerPlan, finding: Any, target: Any, via: str) -> dict:

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
+from properties import names
 from properties.usage import (
     LazyChoices,
     UsageError,
@@ -37,10 +38,10 @@ EXIT_STATUS_HELP = """exit status:
        or built, an unwritable output path, a malformed finding or snapshot
   130  interrupted (Ctrl-C) before the run finished, having found nothing"""
 
-RESTRICTION_NAMES = LazyChoices("properties.targets:RESTRICTIONS")
-MACHINE_NAMES = LazyChoices("properties.machines:MACHINES")
-MUTANT_NAMES = LazyChoices("properties.targets.mutants:MUTANTS")
-INJECTION_NAMES = LazyChoices("canary.simulate:INJECTIONS")
+RESTRICTION_NAMES = LazyChoices("properties.targets:RESTRICTIONS", names.RESTRICTIONS)
+MACHINE_NAMES = LazyChoices("properties.machines:MACHINES", names.MACHINES)
+MUTANT_NAMES = LazyChoices("properties.targets.mutants:MUTANTS", names.MUTANTS)
+INJECTION_NAMES = LazyChoices("canary.simulate:INJECTIONS", names.INJECTIONS)
 
 
 class Parser(argparse.ArgumentParser):
@@ -232,15 +233,15 @@ def command_selfcheck(args: argparse.Namespace) -> int:
 
     json_path = None if args.json is None else check_output_file(args.json, "--json")
     check_usage(args)
-    names = args.mutant or list(MUTANT_NAMES)
+    mutants = args.mutant or MUTANT_NAMES.names()
     master = random.randrange(2**32) if args.seed is None else args.seed
 
     def show(result: MutantResult) -> None:
         verdict = f"caught by {result.invariant}" if result.caught else "ESCAPED"
-        sys.stderr.write(f"[{names.index(result.name) + 1}/{len(names)}] {result.name}: {verdict}\n")
+        sys.stderr.write(f"[{mutants.index(result.name) + 1}/{len(mutants)}] {result.name}: {verdict}\n")
 
     prepare_process()
-    report = run_selfcheck(args.budget, args.device, master, names, progress=show, isolate=args.isolate)
+    report = run_selfcheck(args.budget, args.device, master, mutants, progress=show, isolate=args.isolate)
     if json_path is not None:
         write_json(json_path, report.to_json())
     print(report.explain())
@@ -295,7 +296,7 @@ def add_check_parser(commands: Any) -> None:
         "--relax",
         action="append",
         default=[],
-        choices=LazyChoices("properties.targets:RESTRICTIONS", extra=("all",)),
+        choices=LazyChoices("properties.targets:RESTRICTIONS", names.RESTRICTIONS, extra=("all",)),
         metavar="RESTRICTION",
         help="drop one restriction of the target's contract, to look for what it hides; 'all' drives "
         "the whole SPEC (repeatable; one of: %(choices)s)",

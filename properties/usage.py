@@ -12,6 +12,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -65,26 +66,30 @@ def seed(text: str) -> int:
 
 
 class LazyChoices(Sequence[str]):
-    """The sorted keys of a dict named `module:attribute`, imported on first use, so that
-    building the parser (and `swa-canary --help`) imports no torch. argparse reads them only
-    to check a given value (or to list them in a subcommand's help)."""
+    """The sorted keys of a registry named `module:attribute` (a dict or a tuple), imported only
+    to check a given value, so that building the parser imports no torch. Until the registry is
+    imported, the names listed (in a subcommand's help) are `listed`, its torch-free copy in
+    `properties.names`; afterwards they are the registry's own."""
 
-    def __init__(self, source: str, extra: tuple[str, ...] = ()) -> None:
-        self.source, self.extra = source, extra
+    def __init__(self, source: str, listed: tuple[str, ...], extra: tuple[str, ...] = ()) -> None:
+        self.source, self.listed, self.extra = source, listed, extra
 
-    def names(self) -> list[str]:
-        """Read afresh each time (the dict may change, as tests add to it); the import is cached."""
+    def names(self, load: bool = True) -> list[str]:
+        """Read afresh each time (the registry may change, as tests add to it); the import is
+        cached. With load=False, the torch-free copy while the registry's module is not imported."""
         module, _, attribute = self.source.partition(":")
+        if not load and module not in sys.modules:
+            return [*self.listed, *self.extra]
         return [*sorted(getattr(importlib.import_module(module), attribute)), *self.extra]
 
     def __getitem__(self, index: Any) -> Any:
-        return self.names()[index]
+        return self.names(load=False)[index]
 
     def __len__(self) -> int:
-        return len(self.names())
+        return len(self.names(load=False))
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
+        return iter(self.names(load=False))
 
     def __contains__(self, value: object) -> bool:
         return value in self.names()

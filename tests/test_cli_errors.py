@@ -311,3 +311,39 @@ def test_ctrl_c_stops_a_check_within_2s_with_a_summary_and_its_json(tmp_path: Pa
     written = json.loads(report.read_text())
     assert written["interrupted"] is True and written["finding"] is None and written["programs"] > 0
 
+
+
+def interrupted_on_third_build(turn_into: Callable[[], None]) -> Callable:
+    """A reference target that sends itself Ctrl-C while building its third allocator, inside
+    code that swallows the KeyboardInterrupt or turns it into another error, as Hypothesis's
+    garbage-collector callback and its internal assertions do."""
+    from properties.targets import as_target
+
+    built = []
+
+    def factory(config: object) -> object:
+        built.append(1)
+        if len(built) == 3:
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                turn_into()
+        return as_target("reference").factory(config)
+
+    return factory
+
+
+def assertion_error() -> None:
+    raise AssertionError
+
+
+@pytest.mark.parametrize("turn_into", [lambda: None, assertion_error], ids=["swallowed", "as-assertion-error"])
+def test_ctrl_c_stops_a_check_even_when_its_interrupt_is_swallowed_and_is_no_finding(turn_into) -> None:
+    from properties.runners.check import run_check
+    from properties.targets import Target
+
+    target = Target("interrupted", interrupted_on_third_build(turn_into))
+    started = time.monotonic()
+    report = run_check(target, budget=30, seed=0, machines=["SlotMachine"])
+    assert report.interrupted and report.finding is None
+    assert time.monotonic() - started < 10

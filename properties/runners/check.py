@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from hypothesis import Phase, settings
 from hypothesis import seed as hypothesis_seed
@@ -298,22 +300,53 @@ def run_check(
         return enough or report.seconds >= budget or len(search.retired) == len(names)
 
     try:
-        while not done():
-            for name in names:
-                if name in search.retired:
-                    continue
-                for finding in search.run(classes[name], name, rng.randrange(2**32), stats, run_settings):
-                    report.add(finding)
-                report.runs += 1
-                _update(report, stats, started, started_cpu)
-                if progress is not None:
-                    progress(report)
-                if done():
-                    break
+        with CtrlC() as ctrl_c:
+            while not done():
+                for name in names:
+                    if name in search.retired:
+                        continue
+                    found = search.run(classes[name], name, rng.randrange(2**32), stats, run_settings)
+                    if ctrl_c.pressed:  # its KeyboardInterrupt was swallowed, or surfaced as another error
+                        raise KeyboardInterrupt
+                    for finding in found:
+                        report.add(finding)
+                    report.runs += 1
+                    _update(report, stats, started, started_cpu)
+                    if progress is not None:
+                        progress(report)
+                    if done():
+                        break
     except KeyboardInterrupt:  # Ctrl-C: stop here and report what the check did so far
         report.interrupted = True
         _update(report, stats, started, started_cpu)
     return report
+
+
+class CtrlC:
+    """While entered (in the main thread), Ctrl-C raises KeyboardInterrupt as usual and is also
+    remembered in `pressed`. Python swallows the exception when the signal lands in a garbage
+    collector callback (Hypothesis installs one), printing "Exception ignored", and landing in
+    Hypothesis's own code it can surface as another error (an AssertionError); the check then
+    sees `pressed` and stops, reporting no finding from that run."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, _number: int, _frame: object) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
 
 
 def _update(report: CheckReport, stats: Stats, started: float, started_cpu: float) -> None:

@@ -38,6 +38,7 @@ MUTANTS = (
     "merge_forgets_staged",
     "nested_begin_drops_pending",
     "non_atomic_pair",
+    "precheck_ignores_staged",
     "restore_skips_mapping",
     "swa_last_loc_untranslated",
     "tail_maps_non_tail_slots",

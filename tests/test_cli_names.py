@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
     ids=["restrictions", "machines", "mutants", "injections"],
 )
 def test_the_listed_names_are_the_registry(listed: tuple[str, ...], registry: object) -> None:
-    assert list(listed) == sorted(registry)
+    assert list(listed) == sorted(registry), "update properties/names.py to the registry"
 
 
 @pytest.mark.parametrize("command", ["check", "fuzz", "simulate", "selfcheck", "replay"])

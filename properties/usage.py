@@ -43,12 +43,17 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def positive_int(text: str) -> int:
-    """An integer option that must be at least 1."""
+def _integer(text: str) -> int:
+    """The option's value as an int, or the one message for a value that is not one."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer option that must be at least 1."""
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -56,10 +61,7 @@ def positive_int(text: str) -> int:
 
 def seed(text: str) -> int:
     """A seed: an integer in [0, 2**32), as Hypothesis and `random` take it."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _integer(text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**32), got {value}")
     return value
